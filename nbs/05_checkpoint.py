@@ -1,0 +1,742 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Checkpoints
+# > Save a run so that a crash, a kill or a full disk never costs more than the last save: atomic files, a commit
+# > marker, and strict loading.
+
+# %%
+#| default_exp checkpoint
+
+# %% [markdown]
+# A pretraining run is hours of GPU time held in memory. A checkpoint is how that work survives: the pretraining loop
+# writes one at the end (and every `save_every` steps if asked), resumes from one after a crash, and every later stage
+# (mid-training, SFT, RL, evaluation, chat) starts by loading one. So two things must hold. A checkpoint that exists
+# must be *whole*: a half-written file under a real name is worse than none, because the next resume loads garbage or
+# dies on it. And loading must be *strict*: a model built from the wrong config, or paired with the wrong tokenizer,
+# must fail loudly with a message that says which file and what to do, not train on quietly.
+#
+# By the end of this chapter we have `save_checkpoint`, `load_checkpoint` and `load_model`, and we have watched a
+# crash in the middle of a save leave the previous checkpoint loadable.
+#
+# *Pipeline:* the model (GPT, `build_model`) and the tokenizer come before; the pretraining loop is the first caller,
+# and every stage after it reads what this chapter writes.
+
+# %%
+#| export
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from nanochat_nb.model import GPTConfig, build_model
+from nanochat_nb.tokenizer import Tokenizer
+
+# %%
+#| hide
+import io
+import shutil
+import tempfile
+import time
+from unittest import mock
+
+import matplotlib.pyplot as plt
+import torch.nn.functional as F
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# ## Where a run keeps its checkpoints
+#
+# Everything a run produces lives under one `run_dir`, so a run can be copied, archived or deleted as one folder:
+#
+# | Path | What | Written by |
+# |---|---|---|
+# | `run_dir/tokenizer/` | the trained tokenizer | tokenizer training |
+# | `run_dir/data/` | token shards | data preparation |
+# | `run_dir/checkpoints/<stage>/` | checkpoints of `stage` in `base`, `mid`, `sft`, `rl` | each training stage |
+# | `run_dir/metrics/`, `run_dir/report/` | logs and the report card | every stage |
+#
+# A stage directory holds, for each saved step (zero-padded to six digits, as in nanochat):
+#
+# | File | What | Written by |
+# |---|---|---|
+# | `model_000500.pt` | `state_dict` of the uncompiled model | rank 0 |
+# | `optim_000500_rank{r}.pt` | this rank's optimizer state (the optimizers are sharded, so each rank holds a different part) | every rank |
+# | `meta_000500.json` | step, `model_config`, val_bpb, dataloader and loop state, the user's config: indented JSON | rank 0, **last** |
+#
+# nanochat puts these under `base_checkpoints/d20/` and friends; we drop the model tag, since one `run_dir` holds one
+# model.
+
+# %%
+#| export
+STAGES = ("base", "mid", "sft", "rl")
+
+
+class CheckpointError(Exception):
+    "A checkpoint that cannot be saved or loaded; the message names the file, what is wrong and the fix."
+
+
+def checkpoint_dir(run_dir, stage="base"):
+    "The directory that holds the checkpoints of `stage`: `run_dir/checkpoints/<stage>`."
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; fix: use one of {', '.join(STAGES)}")
+    return Path(run_dir) / "checkpoints" / stage
+
+
+# %%
+test_eq(checkpoint_dir("runs/demo", "sft"), Path("runs/demo/checkpoints/sft"))
+test_fail(lambda: checkpoint_dir("runs/demo", "pretrain"), contains="unknown stage 'pretrain'")
+
+# %% [markdown]
+# ## Why a plain `torch.save` is not enough
+#
+# `torch.save(state, "model_000500.pt")` opens the final name first and then fills it. If the process dies halfway
+# (an out-of-memory kill, a preempted node, a full disk), the final name holds half a file. Let's inject exactly that:
+# a `torch.save` that writes the first half of its bytes and then fails, as a full disk would.
+
+# %%
+real_save = torch.save
+
+
+def half_save(obj, f):
+    "A torch.save that writes half of its bytes and then fails, as a full disk would."
+    buf = io.BytesIO()
+    real_save(obj, buf)
+    data = buf.getvalue()
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+    else:
+        f.write(data[: len(data) // 2])
+    raise OSError(28, "No space left on device (injected)")
+
+
+tmp = Path(tempfile.mkdtemp())
+torch.save({"w": torch.ones(1000)}, tmp / "plain.pt")          # yesterday's good file
+with mock.patch.object(torch, "save", half_save):
+    try:
+        torch.save({"w": torch.zeros(1000)}, tmp / "plain.pt")  # today's save dies halfway
+    except OSError as e:
+        print("save failed:", e)
+try:
+    torch.load(tmp / "plain.pt")
+except Exception as e:
+    print("and now the old file is gone too:", type(e).__name__, str(e)[:80])
+
+
+# %% [markdown]
+# Both the new state and the old one are lost. The fix is old and simple, the same one databases and editors use:
+#
+# 1. write into a **temp file in the same directory** (same directory, so that the rename below stays on one file
+#    system, where it is atomic);
+# 2. `flush` and **`fsync`** it, so the bytes are on the disk and not only in the page cache;
+# 3. **`os.replace`** it onto the final name: atomic on POSIX and on Windows, so any reader sees the old file or the new
+#    one, never a mix;
+# 4. `fsync` the **directory**, so that the rename itself survives a power cut.
+#
+# If anything fails before step 3, the temp file is removed and the final name is untouched. If the process is killed
+# outright (SIGKILL gives it no chance to clean up), a stray temp file stays behind, but the final name is still the
+# old, whole file. Temp names start with a dot and end in `.tmp`, so nothing that looks for checkpoints mistakes them
+# for one.
+
+# %%
+#| export
+def _fsync_dir(path):
+    "Flush a directory entry (a rename) to disk; skipped where directories cannot be opened (Windows)."
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename is still atomic there
+    finally:
+        os.close(fd)
+
+
+# %%
+#| export
+def atomic_write(path, write_fn):
+    "Write `path` by `write_fn(file)` into a temp file beside it, fsync it, then rename it onto `path`."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before any name points at them
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# %% [markdown]
+# The same injected failure, now through `atomic_write`: the save still fails, but yesterday's file is untouched and no
+# temp file is left.
+
+# %%
+atomic_write(tmp / "atomic.pt", lambda f: torch.save({"w": torch.ones(1000)}, f))
+with mock.patch.object(torch, "save", half_save):
+    test_fail(lambda: atomic_write(tmp / "atomic.pt", lambda f: torch.save({"w": torch.zeros(1000)}, f)),
+              contains="No space left")
+test_eq(torch.load(tmp / "atomic.pt")["w"].sum().item(), 1000.0)
+print(sorted(p.name for p in tmp.iterdir()))
+
+# %% [markdown]
+# ## The commit marker
+#
+# One checkpoint is several files, and no file system renames several files at once. So we order the writes and let
+# the last one decide: first every rank's optimizer shard, then the model, and **last the meta file**. A step counts as
+# saved only once its `meta_*.json` exists next to its `model_*.pt`; a crash at any earlier point leaves a step without
+# meta, which every reader ignores. The meta file is the *commit marker*, like the final record of a database
+# transaction.
+#
+# `latest_step` is the one place that decides which steps are complete.
+
+# %%
+#| export
+_MODEL, _META = r"model_(\d{6,})\.pt", r"meta_(\d{6,})\.json"
+
+
+def _paths(ckpt_dir, step, rank=0):
+    "The model, meta and (this rank's) optimizer file of one step."
+    d = Path(ckpt_dir)
+    return d / f"model_{step:06d}.pt", d / f"meta_{step:06d}.json", d / f"optim_{step:06d}_rank{rank}.pt"
+
+
+def _steps(ckpt_dir, pattern):
+    "The steps of the files in `ckpt_dir` whose whole name matches `pattern`."
+    return {int(m.group(1)) for p in Path(ckpt_dir).iterdir() if (m := re.fullmatch(pattern, p.name))}
+
+
+def latest_step(ckpt_dir):
+    "The largest step whose model and meta files both exist (a complete checkpoint), or None."
+    if not Path(ckpt_dir).is_dir():
+        return None
+    return max(_steps(ckpt_dir, _MODEL) & _steps(ckpt_dir, _META), default=None)
+
+
+# %%
+d = tmp / "marker"
+d.mkdir()
+for name in ["model_000100.pt", "meta_000100.json",    # step 100: complete
+             "model_000200.pt",                         # step 200: died before its meta
+             ".model_000300.pt.4242.tmp"]:              # step 300: killed mid-write
+    (d / name).touch()
+test_eq(latest_step(d), 100)
+test_eq(latest_step(tmp / "nowhere"), None)
+
+
+# %% [markdown]
+# ## Saving a step
+#
+# The meta dict is checked before a single byte is written: a value JSON cannot hold (a tensor, a `Path`, a numpy
+# float) fails here with the key named, instead of after the model file is already on disk. A `GPTConfig` dataclass is
+# turned into a plain dict, since `model_config` is what `load_model` rebuilds the model from.
+
+# %%
+#| export
+def _meta_json(meta, step):
+    "The meta dict with `step` set, as indented JSON; a clear error names a key that JSON cannot hold."
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise CheckpointError(f"meta of step {step} has no 'model_config'; fix: pass meta={{'model_config': "
+                              "dataclasses.asdict(config), ...}} so the model can be rebuilt when loading")
+    meta = {"step": step, **{k: v for k, v in meta.items() if k != "step"}}
+    if not isinstance(meta["model_config"], dict):
+        meta["model_config"] = vars(meta["model_config"]).copy()
+    for key, value in meta.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"meta[{key!r}] of step {step} cannot be saved as JSON ({e}); nothing was "
+                                  "written; fix: pass plain numbers, strings, lists and dicts "
+                                  "(e.g. tensor.item(), str(path), float(x))") from None
+    return json.dumps(meta, indent=2)
+
+
+# %% [markdown]
+# Then `save_checkpoint` itself. In a distributed run every rank calls it: each writes its own optimizer shard, all
+# wait at the `barrier` (so that no shard is still missing when the step is committed), and rank 0 writes the model and
+# then the meta. `torch.compile` wraps a model and prefixes its keys with `_orig_mod.`; we strip that so a checkpoint
+# loads into a plain model.
+
+# %%
+#| export
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, barrier=None):
+    "Save one step: every rank its optimizer shard, then rank 0 the model and, last, the meta that commits it."
+    # every rank that has the meta checks it, so a bad value fails on all ranks at once instead of hanging the barrier
+    meta_text = _meta_json(meta, step) if rank == 0 or meta is not None else None
+    if rank == 0 and model_state is None:
+        raise CheckpointError(f"rank 0 must pass the model state of step {step}; fix: pass model.state_dict()")
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    model_path, meta_path, optim_path = _paths(ckpt_dir, step, rank)
+    if rank == 0:
+        meta_path.unlink(missing_ok=True)  # saving a step again withdraws its old commit before touching its files
+    if optimizer_state is not None:
+        atomic_write(optim_path, lambda f: torch.save(optimizer_state, f))
+    if barrier is not None:
+        barrier()  # all shards are on disk before rank 0 commits the step
+    if rank == 0:
+        model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+        atomic_write(model_path, lambda f: torch.save(model_state, f))
+        atomic_write(meta_path, lambda f: f.write(meta_text.encode()))
+
+
+# %% [markdown]
+# A tiny real GPT and one AdamW step, so that the optimizer has state worth saving. We save step 1 as two ranks would:
+# rank 1 writes only its shard, rank 0 its shard, the model and the meta. (In one process the barrier is not needed:
+# the calls already run in order.)
+
+# %%
+torch.manual_seed(0)
+config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+model = build_model(config, "cpu")
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+idx = torch.randint(0, config.vocab_size, (4, config.sequence_len))
+targets = torch.roll(idx, -1, dims=1)
+
+
+def train_step():
+    "One AdamW step on the fixed batch; returns the loss."
+    loss = F.cross_entropy(model(idx).flatten(0, 1).float(), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+loss = train_step()
+run_dir = tmp / "run"
+ckpt_dir = checkpoint_dir(run_dir, "base")
+meta = {"model_config": vars(config).copy(), "val_bpb": 3.21, "loop_state": {"smooth_train_loss": loss},
+        "dataloader_state_dict": {"shard": 0, "row_group": 3}, "user_config": {"depth": 2, "lr": 1e-3}}
+t0 = time.perf_counter()
+save_checkpoint(ckpt_dir, 1, None, {"optimizers": [optimizer.state_dict()]}, None, rank=1)
+save_checkpoint(ckpt_dir, 1, model.state_dict(), {"optimizers": [optimizer.state_dict()]}, meta, rank=0)
+save_s = time.perf_counter() - t0
+for p in sorted(ckpt_dir.iterdir()):
+    print(f"{p.name:28s} {p.stat().st_size:>9,} bytes")
+print(f"saved in {save_s * 1000:.0f} ms")
+test_eq(latest_step(ckpt_dir), 1)
+
+# %% [markdown]
+# The meta file is plain, indented JSON, readable with `cat` and by any tool:
+
+# %%
+print((ckpt_dir / "meta_000001.json").read_text())
+
+
+# %% [markdown]
+# ## Loading a step
+#
+# Loading is where the errors surface, so every way it can fail names its file and the fix: a missing directory, a
+# directory with no complete step, a step whose file is gone, a file that is truncated or corrupt (whatever
+# `torch.load` says about it), and an optimizer shard missing for this rank (a resume with more ranks than the save
+# had). We load with `weights_only=True`, so a checkpoint can hold tensors and plain containers but never code that
+# runs on load. Like nanochat, a bf16 model state is cast to fp32 when it lands on a CPU (or MPS), where bf16 matmuls
+# are slow or missing.
+
+# %%
+#| export
+def _torch_load(path, device):
+    "torch.load that turns any failure into a CheckpointError naming the file."
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = str(e).split(". ")[0][:200]  # torch's own message runs on for several sentences
+        raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {why}); it is truncated or corrupt "
+                              "(a crash or a full disk while copying it?); fix: copy it again, or delete this "
+                              "step's files and load an earlier step") from e
+
+
+# %%
+#| export
+def load_checkpoint(ckpt_dir, step=None, device="cpu", load_optimizer=False, rank=0):
+    "Load (model_state, this rank's optimizer state or None, meta) of one step; step None means the latest."
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"no checkpoint directory {ckpt_dir}; fix: train this stage first, or check run_dir "
+                              "and stage")
+    complete = sorted(_steps(ckpt_dir, _MODEL) & _steps(ckpt_dir, _META))
+    if step is None:
+        if not complete:
+            raise CheckpointError(f"{ckpt_dir} holds no complete checkpoint (a model_*.pt with its meta_*.json); "
+                                  "fix: train this stage first (an interrupted save leaves no meta file)")
+        step = complete[-1]
+    model_path, meta_path, optim_path = _paths(ckpt_dir, step, rank)
+    for path in (meta_path, model_path):
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist, so step {step} is not a complete checkpoint; fix: load "
+                                  f"one of the complete steps {complete} (step=None picks the latest)")
+    if load_optimizer and not optim_path.exists():
+        raise CheckpointError(f"{optim_path} does not exist: step {step} holds no optimizer shard for rank {rank}; "
+                              "fix: resume with as many ranks as the run that saved it, or load_optimizer=False")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e}); fix: repair or delete it (deleting it "
+                              "uncommits the step) and load another step") from e
+    model_state = _torch_load(model_path, device)
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    if torch.device(device).type in ("cpu", "mps"):
+        model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
+    optimizer_state = _torch_load(optim_path, device) if load_optimizer else None
+    return model_state, optimizer_state, meta
+
+
+# %% [markdown]
+# A round trip: the model state, both ranks' optimizer shards and the meta come back equal to what was saved.
+
+# %%
+t0 = time.perf_counter()
+model_state, optimizer_state, meta_back = load_checkpoint(ckpt_dir, load_optimizer=True)
+load_s = time.perf_counter() - t0
+print(f"loaded in {load_s * 1000:.0f} ms")
+for k, v in model.state_dict().items():
+    assert torch.equal(model_state[k], v), k
+saved_adam = optimizer.state_dict()["state"]
+for r in (0, 1):
+    shard = load_checkpoint(ckpt_dir, load_optimizer=True, rank=r)[1]["optimizers"][0]["state"]
+    for i, s in saved_adam.items():
+        assert torch.equal(shard[i]["exp_avg_sq"], s["exp_avg_sq"]), (r, i)
+test_eq(meta_back, {"step": 1, **meta})
+
+
+# %% [markdown]
+# ## Loading a model
+#
+# `load_model` is what the later stages call: it finds the stage's latest step, rebuilds the GPT from the saved
+# `model_config` through `build_model` (meta device, `to_empty`, `init_weights`, so that buffers such as the rotary
+# tables exist), and loads the weights strictly. Before that it checks two things that PyTorch would report badly or
+# not at all:
+#
+# - **the weights fit the config**: a key missing, an extra key, or a shape that differs is listed by name (the usual
+#   cause: a `meta_*.json` from one run next to a `model_*.pt` from another);
+# - **the tokenizer fits the model**: a tokenizer with another vocabulary would load without complaint and produce
+#   nonsense, so its `vocab_size` must equal `model_config["vocab_size"]`. The run's own `run_dir/tokenizer/` is used
+#   when no tokenizer is passed.
+
+# %%
+#| export
+def _check_state(expected, got, path):
+    "Raise a CheckpointError listing the keys and shapes where a state_dict does not fit the model."
+    def few(keys):
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & got.keys()) if got[k].shape != expected[k].shape]
+    problems = ([f"missing keys: {few(missing)}"] if missing else []) + \
+               ([f"unexpected keys: {few(unexpected)}"] if unexpected else []) + \
+               ([f"shape mismatch (checkpoint vs model): {few(shapes)}"] if shapes else [])
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model built from its meta's model_config: "
+                              f"{'; '.join(problems)}; fix: load the model and meta files of the same run and step")
+
+
+# %%
+#| export
+def load_model(run_dir, stage="base", step=None, device="cpu", tokenizer=None):
+    "Rebuild the GPT saved at `stage`/`step` of a run, load its weights strictly, and check the tokenizer fits."
+    ckpt_dir = checkpoint_dir(run_dir, stage)
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    model_path, meta_path, _ = _paths(ckpt_dir, meta["step"])
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: model_config cannot build a GPTConfig ({e}); fix: save meta with "
+                              "model_config=dataclasses.asdict(config)") from e
+    if tokenizer is None and (Path(run_dir) / "tokenizer").is_dir():
+        tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer")
+    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{meta_path}: the model has vocab_size {config.vocab_size} but the tokenizer has "
+                              f"{tokenizer.vocab_size}; fix: use the tokenizer this model was trained with "
+                              f"({Path(run_dir) / 'tokenizer'})")
+    model = build_model(config, device)
+    _check_state(model.state_dict(), model_state, model_path)
+    model.load_state_dict(model_state, strict=True)
+    return model, meta
+
+
+# %% [markdown]
+# The reloaded model gives exactly the same logits as the one that was saved:
+
+# %%
+model.eval()
+model2, meta2 = load_model(run_dir, "base")
+model2.eval()
+with torch.no_grad():
+    logits, logits2 = model(idx), model2(idx)
+print("max |logits - logits after reload|:", (logits - logits2).abs().max().item())
+assert torch.equal(logits, logits2)
+test_eq(meta2["step"], 1)
+
+
+# %% [markdown]
+# ## A crash in the middle of a save
+#
+# Now the real test of the design. We train one more step and save step 2, but make the k-th file write of that save
+# die halfway through its bytes (the same half-write as above), for every k. Whatever point the crash hits, the
+# directory must still offer step 1, complete and loadable, and never a half file under a final name.
+
+# %%
+def crashing_atomic_write(k):
+    "An atomic_write whose k-th call writes half its bytes and then raises."
+    calls, real_write = [], atomic_write  # the real one, taken before the patch below replaces the name
+
+    def write(path, write_fn):
+        calls.append(Path(path).name)
+        if len(calls) != k:
+            return real_write(path, write_fn)
+
+        def half(f):
+            buf = io.BytesIO()
+            write_fn(buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            raise OSError(f"injected crash while writing {Path(path).name}")
+        return real_write(path, half)
+    return write
+
+
+train_step()
+state2, optim2 = model.state_dict(), {"optimizers": [optimizer.state_dict()]}
+rows = []
+for k, during in enumerate(["optim_000002_rank0.pt", "model_000002.pt", "meta_000002.json", "(no crash)"], 1):
+    with mock.patch.dict(globals(), atomic_write=crashing_atomic_write(k)):
+        try:
+            save_checkpoint(ckpt_dir, 2, state2, optim2, meta, rank=0)
+        except OSError as e:
+            assert during in str(e), (during, e)
+    names = sorted(p.name for p in ckpt_dir.iterdir() if "000002" in p.name)
+    step = latest_step(ckpt_dir)
+    load_checkpoint(ckpt_dir, step, load_optimizer=True)  # whatever is latest loads whole
+    rows.append((during, ", ".join(names) or "-", step))
+    if k < 4:
+        test_eq(step, 1)
+        for name in names:  # a file of step 2 under its final name is a whole one, written before the crash
+            torch.load(ckpt_dir / name, weights_only=True)
+print(f"{'crash during':24s} {'files of step 2 on disk':60s} latest_step")
+for during, names, step in rows:
+    print(f"{during:24s} {names:60s} {step}")
+test_eq(rows[-1][2], 2)
+
+# %% [markdown]
+# The same save on a timeline: each bar is one file being written under its temp name, the tick its rename onto the
+# final name. Until the last tick, the meta rename, the step does not exist; from that instant on it is complete.
+
+# %%
+events = []
+
+
+def timed_write(path, write_fn, real_write=atomic_write):
+    "atomic_write that records when each file starts and when it is renamed into place."
+    t0 = time.perf_counter()
+    real_write(path, write_fn)
+    events.append((Path(path).name, t0, time.perf_counter()))
+
+
+with mock.patch.dict(globals(), atomic_write=timed_write):
+    save_checkpoint(tmp / "timeline", 2, state2, optim2, meta)
+t_start = events[0][1]
+ms = [((a - t_start) * 1e3, (b - t_start) * 1e3) for _, a, b in events]
+commit = ms[-1][1]
+fig, ax = plt.subplots(figsize=(7, 2.2))
+for i, (a, b) in enumerate(ms):
+    ax.barh(i, b - a, left=a, color="0.7")
+    ax.plot(b, i, "k|", ms=16, mew=2)
+ax.axvspan(0, commit, color="tab:red", alpha=0.08)
+ax.axvspan(commit, commit * 1.12, color="tab:green", alpha=0.15)
+top = ax.get_xaxis_transform()  # x in data, y in axes fractions: labels just above the plot
+ax.text(commit / 2, 1.03, "a crash here: step 1 is the latest", transform=top, ha="center", fontsize=8)
+ax.text(commit * 1.06, 1.03, "step 2", transform=top, ha="center", fontsize=8)
+ax.set_yticks(range(len(ms)), [name for name, _, _ in events]), ax.invert_yaxis()
+ax.set_xlim(0, commit * 1.12), ax.set_xlabel("ms since the save began")
+plt.show()
+test_eq([name for name, _, _ in events], ["optim_000002_rank0.pt", "model_000002.pt", "meta_000002.json"])
+print("ms per file:", [round(b - a, 1) for a, b in ms])
+
+
+# %% [markdown]
+# Even the meta file, a few hundred bytes, takes milliseconds: on a model this small a save waits for the disk (two
+# `fsync`s per file) more than it writes bytes. At d20 the two gigabytes of the model file dominate instead.
+
+# %% [markdown]
+# A crash before the meta is written leaves, at most, whole files of step 2 without their commit marker; `latest_step`
+# still says 1, and a resume starts from there. No temp file remains, because the failing write cleaned up after
+# itself. A process killed with SIGKILL gets no such chance: its half temp file stays, hidden and ignored. The tests
+# (`tests/test_checkpoint.py`) do that for real: a child process saves step 1, starts writing a large step 2, and is
+# SIGKILLed while the temp file is still growing; step 1 then loads as before.
+
+# %% [markdown]
+# ## The error messages
+#
+# Every failure names the file and says what to do. Here they are, one per way a checkpoint goes wrong.
+
+# %%
+def show(fn):
+    "Call fn and print the error it raises."
+    try:
+        fn()
+    except (CheckpointError, ValueError) as e:
+        print(f"{type(e).__name__}: {e}\n")
+    else:
+        raise AssertionError("expected an error")
+
+
+bad = tmp / "bad" / "checkpoints" / "base"
+shutil.copytree(ckpt_dir, bad)
+data = (bad / "model_000002.pt").read_bytes()
+(bad / "model_000002.pt").write_bytes(data[: len(data) // 3])      # truncated, e.g. by a failed copy
+show(lambda: load_checkpoint(bad))
+show(lambda: load_checkpoint(bad, step=7))
+show(lambda: load_checkpoint(bad, step=1, load_optimizer=True, rank=3))
+show(lambda: load_checkpoint(tmp / "empty"))
+show(lambda: save_checkpoint(bad, 3, state2, None, {**meta, "val_bpb": torch.tensor(3.2)}))
+show(lambda: checkpoint_dir(run_dir, "chat"))
+test_eq(latest_step(bad), 2)  # the refused save wrote nothing
+assert not list(bad.glob("*000003*"))
+
+# %% [markdown]
+# A meta from a wider model next to these weights, and a tokenizer with another vocabulary:
+
+# %%
+wide = tmp / "wide"
+save_checkpoint(checkpoint_dir(wide), 1, model.state_dict(), None, {"model_config": {**vars(config), "n_embd": 128,
+                                                                                      "n_layer": 3}})
+show(lambda: load_model(wide))
+
+
+class OtherTokenizer:
+    vocab_size = 512
+
+
+show(lambda: load_model(run_dir, tokenizer=OtherTokenizer()))
+test_fail(lambda: load_model(wide), contains="shape mismatch")
+test_fail(lambda: load_model(run_dir, tokenizer=OtherTokenizer()), contains="vocab_size 256")
+
+
+# %% [markdown]
+# ## Keeping the disk in check
+#
+# With `save_every` set, a long run writes many checkpoints; at d20 each one is several gigabytes (below).
+# `prune_checkpoints` keeps the newest few. It removes a step's meta first, so that a crash in the middle of pruning
+# leaves an uncommitted step, never a committed one with files missing. It also sweeps the temp files that killed
+# saves left behind, so call it only when no save is running (rank 0, after the barrier).
+
+# %%
+#| export
+def prune_checkpoints(ckpt_dir, keep=2):
+    "Delete all but the newest `keep` complete checkpoints, and leftover temp files; returns the deleted steps."
+    if keep < 1:
+        raise ValueError(f"keep={keep} would delete every checkpoint; fix: keep=1 or more")
+    ckpt_dir = Path(ckpt_dir)
+    old = sorted(_steps(ckpt_dir, _MODEL) & _steps(ckpt_dir, _META))[:-keep]
+    for step in old:
+        model_path, meta_path, _ = _paths(ckpt_dir, step)
+        meta_path.unlink()  # uncommit first
+        model_path.unlink()
+        for shard in ckpt_dir.glob(f"optim_{step:06d}_rank*.pt"):
+            shard.unlink()
+    for stray in ckpt_dir.glob(".*.tmp"):
+        stray.unlink()
+    return old
+
+
+# %%
+(ckpt_dir / ".model_000003.pt.999.tmp").write_bytes(b"half")
+test_eq(prune_checkpoints(ckpt_dir, keep=1), [1])
+print(sorted(p.name for p in ckpt_dir.iterdir()))
+test_eq(latest_step(ckpt_dir), 2)
+
+# %% [markdown]
+# ## At scale
+#
+# On the 8×H100 box nothing in the code changes, but sizes do. The model file is the state of the uncompiled model:
+# on CUDA, nanochat keeps `wte` in bf16 (2 bytes a weight) and every other weight in fp32 (4 bytes). The optimizer
+# state is the Muon momentum (one fp32 buffer per block matrix) and AdamW's two moments for `wte` and `lm_head`, each
+# in its parameter's dtype; both optimizers shard it over the 8 ranks, so each `optim_*_rank{r}.pt` holds about an
+# eighth. The tiny model above checks the byte count: its file is its weights plus a small zip overhead.
+
+# %%
+n_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+file_bytes = (ckpt_dir / "model_000002.pt").stat().st_size
+print(f"tiny model: weights {n_bytes:,} bytes, file {file_bytes:,} bytes")
+assert n_bytes <= file_bytes < n_bytes * 1.1 + 20_000
+
+
+def checkpoint_gb(depth, vocab_size=65_536, world_size=8):
+    "Computed (model file, one rank's optimizer shard) sizes in GB of nanochat's classic GPT at `depth`."
+    n_embd = 64 * depth
+    blocks, emb = 12 * depth * n_embd**2, vocab_size * n_embd
+    model_b = emb * 2 + emb * 4 + blocks * 4                 # wte bf16, lm_head and blocks fp32
+    optim_b = blocks * 4 + 2 * emb * 2 + 2 * emb * 4         # Muon momentum; Adam moments of wte and lm_head
+    return model_b / 1e9, optim_b / world_size / 1e9
+
+
+depths = [4, 8, 12, 16, 20, 26, 32]
+sizes = [checkpoint_gb(d) for d in depths]
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot(depths, [m for m, _ in sizes], "o-", label="model_*.pt (one per step)")
+ax.plot(depths, [o for _, o in sizes], "s-", label="optim_*_rank{r}.pt (each of 8)")
+ax.plot(depths, [m + 8 * o for m, o in sizes], "^--", label="whole checkpoint")
+ax.set_xlabel("depth (n_layer)"), ax.set_ylabel("GB (computed)"), ax.set_title("Checkpoint size, vocab 65,536")
+ax.axvline(20, color="grey", lw=0.8, ls=":")
+ax.legend()
+plt.show()
+m20, o20 = checkpoint_gb(20)
+print(f"d20: model {m20:.2f} GB, optimizer {o20:.2f} GB per rank, {m20 + 8 * o20:.2f} GB per checkpoint")
+
+# %% [markdown]
+# So a d20 checkpoint is about 4.7 GB (computed), and the model file alone is about 2.1 GB. What that means in
+# practice:
+#
+# - **Save rarely.** nanochat saves base training only at the end (`save_every = -1`); a save every 1,000 of its
+#   21,400 steps would keep about 100 GB on disk unless pruned. The fsync makes each save wait for the disk, which is
+#   the point: a save that returned while the bytes sat in the page cache would be lost with the node.
+# - **Shared disk for many nodes.** The barrier only orders the writes when all ranks write to one file system. On
+#   several nodes with local disks, each node would hold only its own ranks' shards; resume needs them all in one
+#   place.
+# - **Resume needs the same world size.** The shards are cut for 8 ranks; loading `rank 3` of a 4-rank save fails with
+#   the message above instead of mixing states. Re-sharding is an exercise.
+# - **bf16 on CPU.** A checkpoint saved on a GPU (bf16 `wte`) loads on a laptop in fp32, as `load_checkpoint` casts it.
+
+# %%
+#| hide
+shutil.rmtree(tmp)
+
+# %% [markdown]
+# ## Summary
+#
+# - A checkpoint is several files; each one is written atomically (temp file beside it, `fsync`, `os.replace`,
+#   `fsync` of the directory), and the meta file is written last as the commit marker.
+# - `latest_step` trusts only steps with both model and meta; temp files and uncommitted steps are ignored.
+# - `load_checkpoint` and `load_model` fail with the file and the fix named: missing, truncated, mismatched weights,
+#   the wrong tokenizer.
+# - A crash at any point of a save leaves the previous step loadable; `prune_checkpoints` keeps the disk in check.
+#
+# ## Exercises
+#
+# 1. On Linux, run one `save_checkpoint` under `strace -f -e trace=openat,write,fsync,rename` and find the order of the
+#    system calls. Which `fsync` could you drop if you only cared about process crashes and not power cuts?
+# 2. Change `prune_checkpoints` so that it also keeps the step with the lowest `val_bpb` in its meta.
+# 3. Write `reshard(ckpt_dir, step, new_world_size)` for a plain (unsharded) AdamW state: what would it need to know
+#    about how the sharded optimizers cut their state?
