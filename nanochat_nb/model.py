@@ -160,6 +160,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(C, C, bias=False)
 
     def forward(self, x, cos, sin, kv_cache=None):
+        "Attend over `x` (B, T, C) and the cached prefix, if any; rotary angles `cos`, `sin` for these T positions."
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -189,6 +190,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
+        "c_proj(relu(c_fc(x))²)."
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 # %% ../nbs/02_model.ipynb #5bbc2ffc
@@ -201,6 +203,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache=None):
+        "One block on the residual stream `x` (B, T, C)."
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
@@ -216,6 +219,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, softcap, reduction, chunk):
+        "Loss of hidden states `x` (N, C) against `targets` (N,), `chunk` rows at a time; saves the logits' gradient."
         N, dev = x.size(0), x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul dtype
         with torch.autocast(dev, enabled=False):
@@ -250,6 +254,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        "Gradients of `x` and `weight`: the linear layer's two matmuls on the saved logits' gradient."
         xc, w, dlogits, n_valid = ctx.saved_tensors
         if ctx.reduction == "none":  # one weight per row: scale rows of the small tensors, never dlogits
             r = g.to(xc.dtype)[:, None]

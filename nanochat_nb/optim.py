@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.adamw import adamw as adamw_update  # the functional AdamW step, on any list of tensors
 
 # %% ../nbs/03_optim.ipynb #c73aedb7
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
@@ -98,16 +99,17 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     scale = (n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
     adam_groups = [dict(params=lm_head_params, lr=unembedding_lr * scale),
                    dict(params=embedding_params, lr=embedding_lr * scale)]
-    adamw_kwargs = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+    # the fused kernel is several times faster than the foreach path on CPU (and the usual choice on CUDA); both
+    # paths use it, so one process and several compute the very same AdamW arithmetic
+    fused = all(p.device.type in ("cpu", "cuda") for p in embedding_params + lm_head_params) or None
+    adamw_kwargs = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay, fused=fused)
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         adamw = DistAdamW(adam_groups, **adamw_kwargs)
         muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
     else:
-        # the fused kernel is several times faster than the foreach path on CPU (and the usual choice on CUDA)
-        fused = all(p.device.type in ("cpu", "cuda") for p in embedding_params + lm_head_params) or None
-        adamw = torch.optim.AdamW(adam_groups, fused=fused, **adamw_kwargs)
+        adamw = torch.optim.AdamW(adam_groups, **adamw_kwargs)
         muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
     for opt in (adamw, muon):
         for group in opt.param_groups:
@@ -261,8 +263,9 @@ class DistMuon(torch.optim.Optimizer):
 class DistAdamW(torch.optim.Optimizer):
     "AdamW with gradients and state sharded along dim 0: reduce-scatter, update own rows, all-gather."
     def __init__(self, param_groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
+                 weight_decay: float = 0.01, fused: bool | None = None):
         super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.fused = fused
         world_size = dist.get_world_size()
         for group in self.param_groups:
             for p in group["params"]:
@@ -293,16 +296,13 @@ class DistAdamW(torch.optim.Optimizer):
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             state = self.state[p]
             if not state:
-                state["step"] = 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p_slice)
                 state["exp_avg_sq"] = torch.zeros_like(p_slice)
-            state["step"] += 1
-            t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-            p_slice.mul_(1 - lr * wd)  # decoupled weight decay
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-            p_slice.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+            # torch's AdamW on our rows (it advances the step count itself)
+            adamw_update([p_slice], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                         fused=self.fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
+                         eps=eps, maximize=False)
             gathers.append(_all_gather(p, p_slice, async_op=True))
         for work in gathers:
             work.wait()

@@ -219,7 +219,7 @@ for shift in (1, 50, 150):
 
 # %% [markdown]
 # The left panel follows one channel pair of a vector as the position advances, for a fast, a middle and a slow
-# frequency: the first pair spins by one radian per step, the last barely moves over hundreds of positions. The right
+# frequency: the first pair spins by one radian per step, the slowest barely moves over these 40 positions. The right
 # panel is the score of a query against copies of itself placed further and further back: near 1 up close, then
 # oscillating and fading with distance. The many frequencies together let a head tell "one token ago" from "a
 # paragraph ago".
@@ -245,8 +245,8 @@ plt.tight_layout(); plt.show()
 # ## Attention, and the KV cache it writes to
 #
 # During training the model sees whole sequences, and causal attention lets position *t* look at positions ≤ *t*.
-# When generating, recomputing every key and value for every new token would cost O(T²) per token; instead each
-# layer keeps its keys and values in a **KV cache** and the new token only computes its own.
+# When generating, running the whole prefix through the model again for every new token would waste almost all of
+# the work; instead each layer keeps its keys and values in a **KV cache**, and a new token only computes its own.
 #
 # nanochat's cache is one tensor for all layers, `(n_layer, 2, B, n_kv_head, T, head_dim)`, allocated at the first
 # insert with the dtype and device of the keys. Each layer writes its new keys/values at the current position and
@@ -350,6 +350,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(C, C, bias=False)
 
     def forward(self, x, cos, sin, kv_cache=None):
+        "Attend over `x` (B, T, C) and the cached prefix, if any; rotary angles `cos`, `sin` for these T positions."
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -374,8 +375,8 @@ class CausalSelfAttention(nn.Module):
 # ## The MLP and the block
 #
 # The feed-forward layer widens to 4·`n_embd`, applies **ReLU²** (ReLU, then square; the Primer architecture search
-# found it beats GELU, and modded-nanogpt and nanochat adopted it), and projects back. A block adds attention and MLP to the residual stream, each
-# reading a normalised copy of it.
+# found it beats GELU, and modded-nanogpt and nanochat adopted it), and projects back. A block adds attention and
+# MLP to the residual stream, each reading a normalised copy of it.
 
 # %%
 #| export
@@ -388,6 +389,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
+        "c_proj(relu(c_fc(x))²)."
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
@@ -402,6 +404,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache=None):
+        "One block on the residual stream `x` (B, T, C)."
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
@@ -458,6 +461,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, softcap, reduction, chunk):
+        "Loss of hidden states `x` (N, C) against `targets` (N,), `chunk` rows at a time; saves the logits' gradient."
         N, dev = x.size(0), x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul dtype
         with torch.autocast(dev, enabled=False):
@@ -492,6 +496,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        "Gradients of `x` and `weight`: the linear layer's two matmuls on the saved logits' gradient."
         xc, w, dlogits, n_valid = ctx.saved_tensors
         if ctx.reduction == "none":  # one weight per row: scale rows of the small tensors, never dlogits
             r = g.to(xc.dtype)[:, None]
@@ -886,23 +891,27 @@ print(f"fp32 {fp32_loss:.5f}  bf16 autocast {bf16_loss:.5f}")
 test_close(bf16_loss, fp32_loss, eps=0.05)
 
 # %% [markdown]
-# Measured on this book's shared 2-core CPU, training a d4 model (vocabulary 8,192, sequence 512, batch 8, AdamW),
-# in tokens per second (a shared machine: treat them as ±10%):
+# Measured on this book's shared 2-core CPU with `bench/train_throughput.py`: a full training step (forward, backward,
+# gradient clipping, chapter 03's Muon and AdamW) of a d4 model at vocabulary 8,192, sequence 512, batch 8, in
+# tokens per second. The machine is shared, so treat them as ±10%.
 #
 # | | nanochat's classic code | this chapter |
 # |---|---|---|
-# | fp32, eager | 2,800 | 3,460 |
-# | fp32, `torch.compile` | 3,250 | 3,650 |
-# | bf16 autocast, eager | 4,300 | 5,340 |
-# | bf16 autocast, `torch.compile` | | 5,600 |
+# | fp32, eager | 2,140 | 3,040 |
+# | fp32, `torch.compile` | 3,350 | 3,310 |
+# | bf16 autocast, eager | | 4,750 |
+# | bf16 autocast, `torch.compile` | | 5,190 |
 #
-# The eager gain is the fused output head; the rest is kept lean: no copies of key/value heads when
-# `n_kv_head == n_head`, rotary tables built once, and nothing in the training path that forces a synchronisation or
-# depends on data, so `torch.compile(model)` traces it as one graph. In bf16 the matmuls are no longer the bottleneck:
-# attention's backward and the elementwise work take half the step, so bf16 buys about 1.5×, not 2.5×.
+# (With plain AdamW as the optimizer, nanochat's model against this one: 2,850 → 3,520 in fp32 and
+# 4,210 → 5,630 in bf16, eager.) The eager gain is the fused output head; the rest is kept lean: no copies of
+# key/value heads when `n_kv_head == n_head`, rotary tables built once, and nothing in the training path that forces
+# a synchronisation or depends on data, so `torch.compile(model)` traces it as one graph. bf16 buys about 1.6×
+# rather than the 2.5× of a bare matmul: attention's CPU kernel is no faster in bf16, and with the matmuls sped up,
+# attention and the elementwise work take more than half of the step.
 #
-# `torch.compile` works for training on CPU and GPU; it costs 10 to 60 seconds of compilation per shape on this CPU,
-# so this check only runs with `nbdev-test --flags slow` (the test suite runs a tiny version):
+# `torch.compile` works for training (checked here on the CPU; it is how nanochat trains on GPUs). It costs 10 to 60
+# seconds of compilation per shape on this CPU, so this check only runs with `nbdev-test --flags slow` (the test
+# suite runs a tiny version):
 
 # %%
 #| slow
@@ -912,6 +921,7 @@ with torch.no_grad():
     test_close(compiled(x), copy_model(x), eps=1e-4)
 compiled(x, y).backward()
 copy_model.zero_grad(set_to_none=True)
+torch.compiler.reset()  # drop the compiled graphs
 
 # %% [markdown]
 # ## At scale

@@ -34,7 +34,7 @@ def test_tokenizer_train_then_eval(tmp_path):
     assert (run / "tokenizer" / "tokenizer.pkl").exists() and (run / "tokenizer" / "token_bytes.pt").exists()
     r = cli("tokenizer", "eval", "--run-dir", run)
     assert r.returncode == 0, r.stderr
-    assert "Ratio" in r.stdout and "code" in r.stdout.lower()
+    assert "Ours Ratio" in r.stdout and "| python |" in r.stdout and "| stdlib-val |" in r.stdout
 
 
 def test_tokenizer_eval_without_training_says_how(tmp_path):

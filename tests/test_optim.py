@@ -22,10 +22,10 @@ from nanochat_nb.optim import (DistAdamW, DistMuon, Muon, cleanup_distributed, g
 # Tolerance of the 2-rank vs 1-process comparison: none, the weights must agree bit for bit (fp32). It can be exact
 # because (1) the gradients agree exactly: each rank's micro-batch is computed as in the single process (same shapes,
 # one thread), and AVG of the two halves equals two accumulated half-losses since dividing by 2 is exact; (2) Muon's
-# bf16 Newton-Schulz gets the same input on the owner rank as in the single process; (3) the single process uses
-# torch's single-tensor AdamW, whose arithmetic DistAdamW follows. With the fused AdamW of setup_optimizers instead,
-# a 1-ulp difference after step 1 grows to ~1e-3 after 6 steps: Adam's first step is +-lr for any nonzero gradient
-# element, and bf16 rounding in Newton-Schulz turns ulps into bf16-sized steps.
+# bf16 Newton-Schulz gets the same input on the owner rank as in the single process; (3) DistAdamW runs torch's
+# own (fused) AdamW kernel on its rows, the kernel that setup_optimizers gives the single process. With different
+# AdamW arithmetic, a 1-ulp difference after step 1 grows to ~1e-3 after 6 steps: Adam's first step is +-lr for any
+# nonzero gradient element, and bf16 rounding in Newton-Schulz turns ulps into bf16-sized steps.
 ATOL = 0.0
 
 # A tiny GPT: 3 layers so that the MLP matrices form odd-sized shape groups (DistMuon pads the last chunk),
@@ -46,13 +46,6 @@ def worker(out_dir: Path):
     model = tiny_model()
     optimizers = setup_optimizers(model)
     result = dict(world_size=info.world_size, optimizers=[type(o).__name__ for o in optimizers])
-    if info.world_size == 1:
-        # fused AdamW rounds differently from DistAdamW's eager arithmetic (1 ulp); swap in torch's single-tensor
-        # AdamW, whose arithmetic DistAdamW follows, so that the comparison can be exact
-        fused, muon = optimizers
-        groups = [dict(params=g["params"], lr=g["lr"], initial_lr=g["initial_lr"]) for g in fused.param_groups]
-        adamw = torch.optim.AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, foreach=False)
-        optimizers = [adamw, muon]
     adamw, muon = optimizers
     g = torch.Generator().manual_seed(1)
     losses = []
