@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from nanochat_nb.optim import (DistAdamW, DistMuon, Muon, cleanup_distributed, grad_accum_steps, init_distributed,
+from nanochat_nb.optim import (DistAdamW, Muon, cleanup_distributed, grad_accum_steps, init_distributed,
                                lr_multiplier, muon_momentum, setup_optimizers, training_horizon,
                                zeropower_via_newtonschulz5)
 
