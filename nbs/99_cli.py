@@ -151,9 +151,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
-        # bad input or a missing earlier stage: the message says what and how to fix it; a traceback would bury it
-        if os.environ.get("NANOCHAT_NB_DEBUG"):
+    except Exception as e:
+        # bad input, a missing earlier stage or a damaged checkpoint: the message says what and how to fix it, and a
+        # traceback would bury it; anything else is a bug and keeps its traceback
+        from nanochat_nb.checkpoint import CheckpointError
+        if not isinstance(e, (FileNotFoundError, ValueError, CheckpointError)) or os.environ.get("NANOCHAT_NB_DEBUG"):
             raise
         sys.exit(f"nanochat-nb {args.command}: error: {e}")
 

@@ -114,6 +114,17 @@ def test_resume_with_other_depth_is_refused(prepared, tmp_path):
     assert r.returncode != 0 and "--depth" in r.stderr
 
 
+def test_resume_from_a_truncated_checkpoint_names_the_file(prepared, tmp_path):
+    run = fresh_run(prepared, tmp_path, "truncated")
+    run_ok(pretrain_cmd(run, "--depth", 2, "--sequence-len", 64, "--device-batch-size", 2, "--num-iterations", 2,
+                        "--eval-tokens", 256, "--sample-every", -1))
+    model_file = run / "checkpoints" / "base" / "model_000002.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    r = subprocess.run(pretrain_cmd(run, "--depth", 2, "--sequence-len", 64, "--device-batch-size", 2,
+                                    "--num-iterations", 4, "--resume"), env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "model_000002.pt" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bad_batch_arithmetic_is_explained(prepared, tmp_path):
     r = subprocess.run(pretrain_cmd(prepared, "--depth", 2, "--sequence-len", 64, "--device-batch-size", 3,
                                     "--total-batch-size", 1000), env=ENV, capture_output=True, text=True)
