@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python tools/has_torch.py || $(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install -e ".[dev]"
+	# the browser tests drive Debian's chromium through Playwright (never `playwright install`, which downloads)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	touch $(STAMP)
 
 # The main job: the pipeline's stages on the default offline corpus (a few minutes on 2 CPU cores).
@@ -25,7 +27,7 @@ speedrun: $(STAMP)
 	nanochat-nb tokenizer train --vocab-size 4096 --run-dir $(RUN_DIR)
 	nanochat-nb tokenizer eval --run-dir $(RUN_DIR)
 	nanochat-nb data prepare --run-dir $(RUN_DIR)
-	nanochat-nb pretrain --preset micro --run-dir $(RUN_DIR)
+	nanochat-nb pretrain --preset micro --run-dir $(RUN_DIR) --resume  # a second run continues (or finds it done)
 
 # The whole test suite, in order; the first failure stops it.
 test: $(STAMP)

@@ -18,9 +18,16 @@ def default_run_dir():
     return Path(os.environ.get("NANOCHAT_NB_RUN_DIR", Path.home() / ".cache" / "nanochat_nb" / "default"))
 
 # %% ../nbs/99_cli.ipynb #b6da4b2a
+def _holding(args, part):
+    "Check the run directory, then hold `part` of it for writing (one writer at a time; stale temp files swept)."
+    from nanochat_nb.checkpoint import RunLock, check_run_dir
+    return RunLock(check_run_dir(args.run_dir), writes=[part], log=print)
+
+
 def _tokenizer_train(args):
     from nanochat_nb.tokenizer import train_tokenizer
-    stats = train_tokenizer(args.run_dir, vocab_size=args.vocab_size, max_chars=args.max_chars)
+    with _holding(args, "tokenizer"):
+        stats = train_tokenizer(args.run_dir, vocab_size=args.vocab_size, max_chars=args.max_chars)
     for k, v in stats.items():
         print(f"{k}: {v}")
 
@@ -30,17 +37,29 @@ def _tokenizer_eval(args):
     print(eval_report(args.run_dir))
 
 
+def _tokenizer_convert(args):
+    from nanochat_nb.tokenizer import Tokenizer
+    directory = Path(args.run_dir) / "tokenizer"
+    with _holding(args, "tokenizer"):
+        tokenizer = Tokenizer.load(directory, allow_pickle=True)  # asking for the conversion is the opt-in
+        tokenizer.save(directory)
+    print(f"converted {directory / 'tokenizer.pkl'} to tokenizer.tiktoken + tokenizer.json "
+          f"(vocab_size {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint}); the pickle can be deleted")
+
+
 def _data_prepare(args):
     from nanochat_nb.data import prepare_data
-    stats = prepare_data(args.run_dir, source=args.source)
+    with _holding(args, "data"):
+        stats = prepare_data(args.run_dir, source=args.source)
     for k, v in stats.items():
         print(f"{k}: {v}")
 
 
 def _data_download(args):
     from nanochat_nb.data import FINEWEB_BASE_URL, download_data
-    stats = download_data(args.run_dir, args.shards, base_url=args.base_url or FINEWEB_BASE_URL,
-                          workers=args.workers, verbose=True)
+    with _holding(args, "data"):
+        stats = download_data(args.run_dir, args.shards, base_url=args.base_url or FINEWEB_BASE_URL,
+                              workers=args.workers, verbose=True)
     for k, v in stats.items():
         print(f"{k}: {v}")
 
@@ -48,8 +67,46 @@ def _data_download(args):
 def _pretrain(args):
     from nanochat_nb.pretrain import TrainConfig, make_config, pretrain
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    summary = pretrain(args.run_dir, make_config(args.preset, **overrides), resume=args.resume)
+    summary = pretrain(args.run_dir, make_config(args.preset, **overrides), resume=args.resume,
+                       overwrite=args.overwrite, allow_data_change=args.allow_data_change,
+                       allow_tokenizer_change=args.allow_tokenizer_change)
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def _chat(args):
+    from nanochat_nb.chat import chat_cli
+    chat_cli(args.run_dir, args.stage, args.step, args.prompt, args.temperature, args.top_k, args.max_tokens,
+             args.device)
+
+
+def _serve(args):
+    from nanochat_nb.serve import serve
+    serve(args.model or args.run_dir, args.stage, args.step, args.host, args.port, args.workers, args.device,
+          args.seed)
+
+
+def _eval(args):
+    from nanochat_nb.eval import run_eval
+    options = ("tasks", "max_problems", "num_samples", "max_tokens", "temperature", "top_k", "batch_size",
+               "data_root", "max_per_task", "bundle_url", "bundle_sha256", "eval_tokens")
+    run_eval(args.action, args.run_dir, args.stage, args.step, args.device,
+             **{k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
+
+
+def _task_list(text):
+    "An argparse type for --tasks: comma-separated task names."
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one task, e.g. --tasks arithmetic,spelling")
+    return names
+
+
+def _add_model_options(parser):
+    "--stage, --step and --device: which checkpoint of the run to load, and where (chat and serve)."
+    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
+                        help="which stage's model (default: the last one trained)")
+    parser.add_argument("--step", type=int, default=None, help="which step's checkpoint (default: the latest)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
 
 # %% ../nbs/99_cli.ipynb #34a668f6
 def _add_config_options(parser, config_cls):
@@ -60,12 +117,19 @@ def _add_config_options(parser, config_cls):
                             help=f"(default: from the preset, else {f.default!r})")
 
 
+def _run_dir_arg(text):
+    "An argparse type for --run-dir: a Path, never an empty string (which would mean the current folder)."
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty --run-dir would write into the current folder; name a folder")
+    return Path(text)
+
+
 def build_parser():
     "The argparse parser of `nanochat-nb`."
     from nanochat_nb.pretrain import PRESETS, TrainConfig
     parser = argparse.ArgumentParser(prog="nanochat-nb", description="Train and chat with a nanochat, stage by stage.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run-dir", type=Path, default=default_run_dir(),
+    common.add_argument("--run-dir", type=_run_dir_arg, default=default_run_dir(),
                         help="where every artefact of the run lives (default: %(default)s)")
     stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -77,6 +141,9 @@ def build_parser():
     p.set_defaults(func=_tokenizer_train)
     p = tok.add_parser("eval", parents=[common], help="bytes per token on several kinds of text")
     p.set_defaults(func=_tokenizer_eval)
+    p = tok.add_parser("convert", parents=[common], help="convert a trusted pickled tokenizer.pkl (nanochat's, or "
+                       "an older run's) to the text format")
+    p.set_defaults(func=_tokenizer_convert)
 
     data = stages.add_parser("data", help="prepare or download pretraining shards").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -93,8 +160,62 @@ def build_parser():
     p = stages.add_parser("pretrain", parents=[common], help="train the base model (chapter 06); works under torchrun")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a starting point for the settings")
     p.add_argument("--resume", action="store_true", help="continue from the latest base checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete this run directory's base checkpoints and "
+                   "metrics, and start over")
+    p.add_argument("--allow-data-change", action="store_true", help="resume even though the data shards differ "
+                   "from those the checkpoint was trained on")
+    p.add_argument("--allow-tokenizer-change", action="store_true", help="resume even though the tokenizer differs "
+                   "from the one the checkpoint was trained on")
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_pretrain)
+
+    p = stages.add_parser("chat", parents=[common], help="chat with the model in the terminal (chapter 08)")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = always the likeliest token (%(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (%(default)s)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens (%(default)s)")
+    _add_model_options(p)
+    p.set_defaults(func=_chat)
+    p = stages.add_parser("serve", parents=[common], help="chat page, nanochat's API and an OpenAI-compatible API "
+                          "(chapter 08b)")
+    p.add_argument("--model", type=Path, default=None, help="a run or checkpoint directory to serve instead of "
+                   "--run-dir (e.g. nanochat's base_checkpoints/d20)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (%(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="%(default)s")
+    p.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, else 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed the sampling of requests that send no seed, "
+                   "for replayable answers (default: random)")
+    _add_model_options(p)
+    p.set_defaults(func=_serve)
+
+    ev = stages.add_parser("eval", help="evaluate a checkpoint: bits per byte, CORE or the chat tasks (chapter 10); "
+                           "works under torchrun").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = ev.add_parser("bpb", parents=[common], help="bits per byte on the run's validation shard")
+    p.add_argument("--eval-tokens", type=int, default=None, help="tokens to evaluate (default: as in training)")
+    _add_model_options(p)
+    p.set_defaults(func=_eval)
+    p = ev.add_parser("core", parents=[common], help="CORE on the DCLM eval bundle (downloaded once into the "
+                      "run's cache/)")
+    p.add_argument("--bundle-url", default=None, help="where to get eval_bundle.zip (default: nanochat's URL); "
+                   "file:///path/eval_bundle.zip works offline")
+    p.add_argument("--bundle-sha256", default=None, help="the zip's SHA-256, checked when given")
+    p.add_argument("--max-per-task", type=int, default=-1, help="items per task, -1 for all (%(default)s)")
+    _add_model_options(p)
+    p.set_defaults(func=_eval)
+    p = ev.add_parser("chat", parents=[common], help="chat tasks, categorical and generative, and ChatCORE")
+    p.add_argument("--tasks", type=_task_list, required=True, help="comma-separated, from arc-easy, arc-challenge, "
+                   "mmlu, gsm8k, humaneval, arithmetic, spelling, simple-spelling, identity")
+    p.add_argument("--max-problems", type=int, default=None, help="the first N problems of each task (default: all)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k) (%(default)s)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens (%(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (%(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="%(default)s")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass, categorical tasks "
+                   "(%(default)s)")
+    p.add_argument("--data-root", type=Path, default=None, help="a local copy of the hub datasets (allenai/ai2_arc, "
+                   "cais/mmlu, openai/gsm8k folders) for offline runs")
+    _add_model_options(p)
+    p.set_defaults(func=_eval)
     return parser
 
 
@@ -103,13 +224,19 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(f"nanochat-nb {args.command}: interrupted (what was saved is intact; `--resume` continues a run)")
     except Exception as e:
-        # bad input, a missing earlier stage or a damaged checkpoint: the message says what and how to fix it, and a
-        # traceback would bury it; anything else is a bug and keeps its traceback
-        from nanochat_nb.checkpoint import CheckpointError
-        if not isinstance(e, (FileNotFoundError, ValueError, CheckpointError)) or os.environ.get("NANOCHAT_NB_DEBUG"):
+        # bad input, a missing earlier stage, a damaged file, a busy run directory, a full or read-only disk: the
+        # message says what and how to fix it, and a traceback would bury it; anything else is a bug and keeps its
+        # traceback (as does everything under NANOCHAT_NB_DEBUG=1)
+        from nanochat_nb.checkpoint import CheckpointError, RunDirError, explain_os_error
+        expected = (OSError, ValueError, CheckpointError, RunDirError)
+        if not isinstance(e, expected) or os.environ.get("NANOCHAT_NB_DEBUG"):
             raise
-        sys.exit(f"nanochat-nb {args.command}: error: {e}")
+        plain_os_error = isinstance(e, OSError) and e.errno is not None and not isinstance(e, CheckpointError)
+        message = explain_os_error(e) if plain_os_error else e
+        sys.exit(f"nanochat-nb {args.command}: error: {message}")
 
 # %% ../nbs/99_cli.ipynb #e4944a6e
 # `python -m nanochat_nb.cli` and `torchrun -m nanochat_nb.cli`; the __file__ check keeps a notebook from running it

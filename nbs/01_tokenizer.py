@@ -37,7 +37,12 @@
 
 # %%
 #| export
+import base64
+import binascii
 import copy
+import hashlib
+import io
+import json
 import os
 import pickle
 import sysconfig
@@ -55,7 +60,6 @@ from fastcore.basics import patch
 
 # %%
 #| hide
-import json
 import shutil
 
 import matplotlib.pyplot as plt
@@ -399,6 +403,14 @@ SPECIAL_TOKENS = [
 
 # %%
 #| export
+def _check_vocab_size(vocab_size) -> None:
+    "A clear error unless `vocab_size` leaves room for the 256 bytes and the special tokens."
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise ValueError(f"vocab_size must be an int >= {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                         f"tokens), got {vocab_size!r}")
+
+
 class Tokenizer:
     "Byte-level BPE tokenizer: merges from rustbpe, encoding by tiktoken, plus nanochat's 9 special tokens."
 
@@ -421,10 +433,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str] | str, vocab_size: int, pattern: str = SPLIT_PATTERN) -> "Tokenizer":
         "Train with rustbpe on `texts` so that the vocabulary, special tokens included, has `vocab_size` ids."
-        minimum = 256 + len(SPECIAL_TOKENS)
-        if not isinstance(vocab_size, int) or vocab_size < minimum:
-            raise ValueError(f"vocab_size must be an int >= {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special "
-                             f"tokens), got {vocab_size!r}")
+        _check_vocab_size(vocab_size)
         n_ranks = vocab_size - len(SPECIAL_TOKENS)
         ranks = rustbpe_train(texts, n_ranks, pattern)
         if len(ranks) < n_ranks:
@@ -552,10 +561,20 @@ test_eq(int(tok.token_bytes[ids].sum()), len(text.encode("utf-8")))
 # %% [markdown]
 # ## Saving and loading
 #
-# Training takes a while at scale, so the tokenizer is trained once and saved in the run directory as
-# `run_dir/tokenizer/tokenizer.pkl` (the pickled tiktoken Encoding, which holds ranks, pattern and special tokens) and
-# `token_bytes.pt`. Each file is written to a temporary name and then renamed, so a crash never leaves half a file
-# that a later stage would load.
+# Training takes a while at scale, so the tokenizer is trained once and saved in the run directory, in
+# `run_dir/tokenizer/`, as three files:
+#
+# | file | what |
+# |---|---|
+# | `tokenizer.tiktoken` | the mergeable tokens in tiktoken's text format: a line per token, base64 bytes and rank |
+# | `tokenizer.json` | the split pattern, the special tokens with their ids, and the sha256 of `tokenizer.tiktoken` |
+# | `token_bytes.pt` | the `token_bytes` tensor, as nanochat stores it |
+#
+# nanochat pickles the tiktoken `Encoding` into `tokenizer.pkl` instead. That is one file, but unpickling runs
+# whatever code the file names, so loading a run directory that someone sent you would let them run code on your
+# machine. Text and JSON can only be parsed. Each file is written to a temporary name and then renamed, so a crash
+# never leaves half a file under a real name; `tokenizer.json` goes last and records the hash of the ranks it
+# belongs with.
 
 # %%
 #| export
@@ -566,42 +585,200 @@ def _atomic_write(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from e  # a full disk names the file it refused
         raise
+
+
+# %% [markdown]
+# The ranks file is tiktoken's format (the one its `load_tiktoken_bpe` reads), written and parsed here in a few lines:
+# tiktoken's own loader caches what it reads under the *path*, so a retrained tokenizer at the same path could come
+# back stale. The parser is strict and names the line it cannot read.
+
+# %%
+#| export
+def _ranks_text(mergeable_ranks: dict[bytes, int]) -> bytes:
+    "Mergeable ranks in tiktoken's text format: `base64(token) rank` per line, in rank order."
+    lines = (base64.b64encode(token) + b" " + str(rank).encode() for token, rank in
+             sorted(mergeable_ranks.items(), key=lambda kv: kv[1]))
+    return b"\n".join(lines) + b"\n"
+
+
+def _parse_ranks(data: bytes, path) -> dict[bytes, int]:
+    "Parse tiktoken's text format strictly: ranks must be 0, 1, 2, ... with the 256 single bytes first."
+    ranks = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        try:
+            token, rank = line.split()
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{path}:{lineno} is not a `base64-token rank` line ({line[:60]!r}): the file is "
+                             "damaged; fix: train the tokenizer again") from None
+        if rank != len(ranks) or token in ranks:
+            raise ValueError(f"{path}:{lineno}: rank {rank} out of order or repeated: the file is damaged; fix: "
+                             "train the tokenizer again")
+        ranks[token] = rank
+    if len(ranks) < 256 or any(ranks.get(bytes([b])) != b for b in range(256)):
+        raise ValueError(f"{path} lacks the 256 single-byte tokens at ranks 0-255 (truncated or not a tokenizer); "
+                         "fix: train the tokenizer again")
+    return ranks
+
+
+# %%
+ranks_512 = {tok.enc.decode_single_token_bytes(i): i for i in range(512)}
+test_eq(_parse_ranks(_ranks_text(ranks_512), "x"), ranks_512)
+print(_ranks_text(ranks_512).decode().splitlines()[300:303])
+damaged = _ranks_text(ranks_512).splitlines()
+damaged[300] = b"@@ 300"
+test_fail(lambda: _parse_ranks(b"\n".join(damaged), "x"), contains="x:301")
+test_fail(lambda: _parse_ranks(b"\n".join(_ranks_text(ranks_512).splitlines()[:100]), "x"), contains="single-byte")
+
+
+# %% [markdown]
+# `fingerprint` names a tokenizer by its content: a hash of its ranks, pattern and special tokens. Checkpoints record
+# it, so that resuming training with another tokenizer (say, retrained on another corpus, with the same vocabulary
+# size) is caught instead of silently scrambling what every id means.
+
+# %%
+#| export
+@patch(as_prop=True)
+def fingerprint(self: Tokenizer) -> str:
+    "A short hash of what the tokenizer is (ranks, pattern, special tokens), the same however it was stored."
+    if getattr(self, "_fingerprint", None) is None:
+        n = self.vocab_size - len(SPECIAL_TOKENS)
+        h = hashlib.sha256(_ranks_text({self.enc.decode_single_token_bytes(i): i for i in range(n)}))
+        h.update(json.dumps({"pattern": self.enc._pat_str, "special_tokens": self._special_ids}).encode())
+        self._fingerprint = h.hexdigest()[:16]
+    return self._fingerprint
 
 
 # %%
 #| export
 @patch
 def save(self: Tokenizer, directory) -> Path:
-    "Write `tokenizer.pkl` and `token_bytes.pt` into `directory` (created if needed); returns the directory."
+    "Write `tokenizer.tiktoken`, `token_bytes.pt` and, last, `tokenizer.json` into `directory`; returns it."
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "tokenizer.pkl", lambda f: pickle.dump(self.enc, f))
-    _atomic_write(directory / "token_bytes.pt", lambda f: torch.save(self.token_bytes, f))
+    n = self.vocab_size - len(SPECIAL_TOKENS)
+    ranks = _ranks_text({self.enc.decode_single_token_bytes(i): i for i in range(n)})
+    buf = io.BytesIO()
+    torch.save(self.token_bytes, buf)
+    _atomic_write(directory / "tokenizer.tiktoken", lambda f: f.write(ranks))
+    _atomic_write(directory / "token_bytes.pt", lambda f: f.write(buf.getvalue()))
+    info = {"format": "nanochat-nb tokenizer 1", "vocab_size": self.vocab_size, "pattern": self.enc._pat_str,
+            "special_tokens": self._special_ids, "tokenizer.tiktoken sha256": hashlib.sha256(ranks).hexdigest(),
+            "fingerprint": self.fingerprint}
+    _atomic_write(directory / "tokenizer.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     return directory
+
+
+# %% [markdown]
+# Loading checks that the files belong together before it trusts them: the ranks must hash to what
+# `tokenizer.json` recorded, the special tokens must follow the ranks, and `token_bytes.pt` must equal the table
+# computed from the ranks. A damaged or mismatched file gets one line naming it, never an `IndexError` three stages
+# later.
+
+# %%
+#| export
+def _read_json(path: Path) -> dict:
+    "A JSON object from `path`, or a ValueError naming the file."
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; fix: train the tokenizer "
+                         "again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object; fix: train the tokenizer again")
+    return value
+
+
+@patch(cls_method=True)
+def _load_files(cls: Tokenizer, directory: Path) -> Tokenizer:
+    "Load our own format (`tokenizer.tiktoken` + `tokenizer.json`), checking that the two belong together."
+    info_path, ranks_path = directory / "tokenizer.json", directory / "tokenizer.tiktoken"
+    for path in (info_path, ranks_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing, so {directory} holds half a tokenizer (an interrupted "
+                                    "save?); fix: train the tokenizer again")
+    info, data = _read_json(info_path), ranks_path.read_bytes()
+    ranks = _parse_ranks(data, ranks_path)
+    if info.get("tokenizer.tiktoken sha256") != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"{ranks_path} does not belong with {info_path} (its sha256 is not the one recorded "
+                         "there): it is cut short or comes from another tokenizer; fix: train the tokenizer again")
+    expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    if info.get("special_tokens") != expected or not isinstance(info.get("pattern"), str):
+        raise ValueError(f"{info_path}: the pattern or special tokens do not fit the {len(ranks)} ranks of "
+                         f"{ranks_path} (expected ids {len(ranks)}..{len(ranks) + 8}); fix: train the tokenizer again")
+    return cls.from_ranks(ranks, info["pattern"])
+
+
+# %% [markdown]
+# nanochat's own `tokenizer.pkl` (and this project's, before it switched formats) still loads, but only when asked:
+# `Tokenizer.load(directory, allow_pickle=True)`. Even then the unpickler accepts exactly one class, tiktoken's
+# `Encoding`; a pickle that names anything else (`os.system`, say) is refused before it runs.
+
+# %%
+#| export
+class _EncodingUnpickler(pickle.Unpickler):
+    "An unpickler that can build a tiktoken Encoding and nothing else: any other class or function is refused."
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return tiktoken.Encoding
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, and only tiktoken.core.Encoding is allowed")
+
+
+@patch(cls_method=True)
+def load_nanochat(cls: Tokenizer, path) -> Tokenizer:
+    "Load a pickled tiktoken Encoding (nanochat's `tokenizer.pkl`); the pickle may build an Encoding and nothing else."
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            enc = _EncodingUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(f"{path} cannot be loaded as a tokenizer ({type(e).__name__}: {e}); it is damaged or not "
+                         "a tiktoken Encoding; fix: train the tokenizer again") from None
+    if not isinstance(enc, tiktoken.Encoding):
+        raise ValueError(f"{path} holds a {type(enc).__name__}, not a tiktoken Encoding")
+    return cls(enc)
 
 
 # %%
 #| export
 @patch(cls_method=True)
-def load(cls: Tokenizer, directory) -> Tokenizer:
-    "Load a tokenizer written by `Tokenizer.save`; a missing one raises FileNotFoundError saying how to train it."
+def load(cls: Tokenizer, directory, allow_pickle: bool = False) -> Tokenizer:
+    "Load a tokenizer saved by `Tokenizer.save` (or, with `allow_pickle`, a `tokenizer.pkl`), checking its files."
     directory = Path(directory)
-    path = directory / "tokenizer.pkl"
-    if not path.is_file():
-        hint = f" (did you mean {directory / 'tokenizer'}?)" if (directory / "tokenizer" / "tokenizer.pkl").is_file() else ""
-        raise FileNotFoundError(f"no tokenizer at {path}{hint}. Train one first: run `nanochat-nb tokenizer train "
-                                f"--run-dir <run_dir>`, which writes <run_dir>/tokenizer/ (here <run_dir> would be "
-                                f"{directory.parent})")
-    with open(path, "rb") as f:
-        enc = pickle.load(f)
-    if not isinstance(enc, tiktoken.Encoding):
-        raise ValueError(f"{path} holds a {type(enc).__name__}, not a tiktoken Encoding")
-    tokenizer = cls(enc)
-    if (directory / "token_bytes.pt").is_file():
-        tokenizer._token_bytes = torch.load(directory / "token_bytes.pt")
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer.tiktoken").is_file():
+        tokenizer = cls._load_files(directory)
+    elif (directory / "tokenizer.pkl").is_file():
+        if not allow_pickle:
+            run_dir = directory.parent if directory.name == "tokenizer" else "<run_dir>"
+            raise ValueError(f"{directory / 'tokenizer.pkl'} is a pickle (nanochat's format, and this project's "
+                             "before), and loading a pickle can run code from whoever made it; fix: if you trust it, "
+                             f"convert it once with `nanochat-nb tokenizer convert --run-dir {run_dir}` (or load "
+                             "it with Tokenizer.load(directory, allow_pickle=True))")
+        tokenizer = cls.load_nanochat(directory / "tokenizer.pkl")
+    else:
+        sub = directory / "tokenizer"
+        found = any((sub / name).is_file() for name in ("tokenizer.json", "tokenizer.pkl"))
+        hint = f" (did you mean {sub}?)" if found else ""
+        raise FileNotFoundError(f"no tokenizer in {directory}{hint}. Train one first: run `nanochat-nb tokenizer "
+                                f"train --run-dir <run_dir>`, which writes <run_dir>/tokenizer/ (here <run_dir> "
+                                f"would be {directory.parent})")
+    path = directory / "token_bytes.pt"
+    if path.is_file():  # optional: it is computed from the ranks anyway, so it must agree with them
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} cannot be loaded ({type(e).__name__}): the file is damaged; fix: train the "
+                             "tokenizer again, or delete it (it is recomputed)") from None
+        if not isinstance(saved, torch.Tensor) or saved.shape != (tokenizer.vocab_size,) or \
+                not torch.equal(saved.to(torch.int32), tokenizer.token_bytes):
+            raise ValueError(f"{path} does not belong with the tokenizer beside it (its byte counts differ from "
+                             "those computed from the ranks); fix: train the tokenizer again, or delete it")
     return tokenizer
 
 
@@ -612,7 +789,16 @@ with tempfile.TemporaryDirectory() as d:
     tok2 = Tokenizer.load(Path(d) / "tokenizer")
     test_eq(tok2.encode(text), tok.encode(text))
     test_eq(tok2.token_bytes.tolist(), tok.token_bytes.tolist())
+    test_eq(tok2.fingerprint, tok.fingerprint)
     test_fail(lambda: Tokenizer.load(d), contains="nanochat-nb tokenizer train")
+    # a pickle loads only when allowed, and then only as an Encoding
+    pkl_dir = Path(d) / "old" / "tokenizer"
+    pkl_dir.mkdir(parents=True)
+    (pkl_dir / "tokenizer.pkl").write_bytes(pickle.dumps(tok.enc))
+    test_fail(lambda: Tokenizer.load(pkl_dir), contains="tokenizer convert")
+    test_eq(Tokenizer.load(pkl_dir, allow_pickle=True).fingerprint, tok.fingerprint)
+    (pkl_dir / "tokenizer.pkl").write_bytes(pickle.dumps(print))
+    test_fail(lambda: Tokenizer.load(pkl_dir, allow_pickle=True), contains="builtins.print")
 
 # %% [markdown]
 # ## Rendering a conversation
@@ -790,6 +976,9 @@ def train_tokenizer(run_dir, vocab_size: int = 4096, max_chars: int = 2_000_000_
     "Train the tokenizer on the default corpus (or `texts`), save it to `run_dir/tokenizer`, and return stats."
     if max_chars < 1 or doc_cap < 1:
         raise ValueError(f"max_chars and doc_cap must be positive, got {max_chars} and {doc_cap}")
+    _check_vocab_size(vocab_size)
+    out_dir = Path(run_dir) / "tokenizer"
+    out_dir.mkdir(parents=True, exist_ok=True)  # a run_dir that is a file fails now, not after the training
     texts = tokenizer_corpus("train") if texts is None else [texts] if isinstance(texts, str) else texts
     seen = Counter()
 
@@ -806,7 +995,7 @@ def train_tokenizer(run_dir, vocab_size: int = 4096, max_chars: int = 2_000_000_
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train(cropped(), vocab_size)
     seconds = time.perf_counter() - t0
-    directory = tokenizer.save(Path(run_dir) / "tokenizer")
+    directory = tokenizer.save(out_dir)
     sizes = tokenizer.token_bytes[tokenizer.token_bytes > 0].float()
     return {"vocab_size": tokenizer.vocab_size, "num_docs": seen["docs"], "num_chars": seen["chars"],
             "seconds": round(seconds, 3), "chars_per_second": round(seen["chars"] / seconds),

@@ -40,6 +40,7 @@
 # %%
 #| export
 import bisect
+import hashlib
 import itertools
 import json
 import os
@@ -121,9 +122,13 @@ def _write_shard(path, docs, docs_per_row_group):
     "Write one shard atomically: a temp file, renamed into place only once it is complete."
     tmp = path.with_name(path.name + ".tmp")
     table = pa.table({"text": pa.array(docs, type=pa.string())})
-    pq.write_table(table, tmp, row_group_size=docs_per_row_group, compression="zstd", compression_level=3,
-                   use_dictionary=False, write_statistics=False)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, row_group_size=docs_per_row_group, compression="zstd", compression_level=3,
+                       use_dictionary=False, write_statistics=False)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # a full disk names the shard it refused
     return path
 
 
@@ -172,18 +177,31 @@ assert not list((scratch / "toy").glob("*.tmp"))
 # `prepare_data` at a folder instead. `iter_folder_documents` reads it in a fixed order (sorted paths, so two runs
 # give the same shards): `.txt`, `.md` and `.py` files whole, `.jsonl` files one `"text"` field per line, and
 # `.parquet` files by their `text` column. Hidden files and folders (`.git`) are skipped. A malformed line stops
-# the run with the file and line number, because silently dropping text is how a corpus quietly shrinks.
+# the run with the file and line number, because silently dropping text is how a corpus quietly shrinks. A file
+# that is not text at all (NUL bytes, or bytes that are not UTF-8: an image renamed `.txt`, a Latin-1 file) is
+# skipped, never packed as garbage, and listed in `skipped` so that the summary can count it.
 
 # %%
 #| export
 _TEXT_SUFFIXES = {".txt", ".md", ".py"}
 
 
-def iter_folder_documents(folder):
+def _read_text(path):
+    "The text of a file, or None with the reason when it is not UTF-8 text."
+    data = path.read_bytes()
+    if b"\x00" in data:
+        return None, "NUL bytes: not text"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 (byte {e.start})"
+
+
+def iter_folder_documents(folder, skipped=None):
     "Documents under `folder` in path order: .txt/.md/.py files whole, .jsonl `text` per line, .parquet `text` rows."
-    folder = Path(folder)
+    folder, skipped = Path(folder), [] if skipped is None else skipped
     if not folder.is_dir():
-        raise FileNotFoundError(f"source folder {folder} does not exist "
+        raise FileNotFoundError(f"source folder {folder} {'is a file' if folder.exists() else 'does not exist'} "
                                 f"(fix: pass a folder of .txt/.md/.py/.jsonl/.parquet files)")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES | {".jsonl", ".parquet"}
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -191,25 +209,29 @@ def iter_folder_documents(folder):
         raise ValueError(f"no .txt/.md/.py/.jsonl/.parquet files under {folder} "
                          f"(fix: point --source at a folder of documents)")
     for path in files:
-        if path.suffix in _TEXT_SUFFIXES:
-            text = path.read_text(encoding="utf-8", errors="replace")
+        text, why = _read_text(path) if path.suffix != ".parquet" else ("", None)
+        if why:
+            skipped.append(f"{path} ({why})")
+        elif path.suffix in _TEXT_SUFFIXES:
             if text.strip():
                 yield text
         elif path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object "
-                                         f'like {{"text": "..."}}') from None
-                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                        raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')
-                    yield row["text"]
+            for lineno, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object "
+                                     f'like {{"text": "..."}}') from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')
+                yield row["text"]
         else:
-            pf = pq.ParquetFile(path)
+            try:
+                pf = pq.ParquetFile(path)
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"{path}: not a readable parquet file ({e}); fix: repair or remove it") from None
             if "text" not in pf.schema_arrow.names:
                 raise ValueError(f'{path}: no "text" column (it has {pf.schema_arrow.names})')
             for batch in pf.iter_batches(columns=["text"]):
@@ -226,13 +248,18 @@ src = scratch / "my_corpus"
 pq.write_table(pa.table({"text": ["parquet row 0", "parquet row 1"]}), src / "e.parquet")
 (src / ".git").mkdir()
 (src / ".git" / "HEAD.txt").write_text("hidden: skipped")
-test_eq(list(iter_folder_documents(src)), ["A plain text file.", "first jsonl line", "second jsonl line", "parquet row 0",
-                                           "parquet row 1", "# A markdown file", "print('a python file')"])
+(src / "logo.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")       # an image with a .txt name
+(src / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))      # not UTF-8
+skipped = []
+test_eq(list(iter_folder_documents(src, skipped)), ["A plain text file.", "first jsonl line", "second jsonl line",
+                                                    "parquet row 0", "parquet row 1", "# A markdown file",
+                                                    "print('a python file')"])
+print(*skipped, sep="\n")
+test_eq(len(skipped), 2)
 (src / "f.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n')
 test_fail(lambda: list(iter_folder_documents(src)), contains="f.jsonl:2")
 (src / "f.jsonl").unlink()
 test_fail(lambda: list(iter_folder_documents(scratch / "empty")), contains="does not exist")
-
 
 # %% [markdown]
 # ## Preparing the default corpus
@@ -245,29 +272,58 @@ test_fail(lambda: list(iter_folder_documents(scratch / "empty")), contains="does
 # several row groups each: enough for two ranks to both have work. The validation shard gets smaller row groups
 # (at least 8 of them), so that even 8 ranks each evaluate on a slice. New shards are written to a scratch folder
 # and swapped in at the end, so running it twice leaves exactly one clean set.
+#
+# One more rule keeps memory in check downstream: a document longer than `MAX_DOC_CHARS` (a million characters, more
+# than any file of the standard library) is cut into pieces at line ends. A 50 MB log file then becomes fifty
+# ordinary documents instead of one that every later stage has to hold whole.
+
+# %%
+#| export
+MAX_DOC_CHARS = 1_000_000
+
+
+def split_document(text, max_chars=MAX_DOC_CHARS):
+    "Cut `text` into pieces of at most `max_chars` characters, at a line end in the second half of each piece if any."
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind("\n", start + max_chars // 2, start + max_chars) + 1 or start + max_chars
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces + [text[start:]]
+
+
+# %%
+test_eq(split_document("ab\ncd\nef", 4), ["ab\n", "cd\n", "ef"])
+test_eq(split_document("abcdefghij", 4), ["abcd", "efgh", "ij"])
+test_eq(split_document("short"), ["short"])
+
 
 # %%
 #| export
 def prepare_data(run_dir, source=None, chars_per_shard=4_000_000, docs_per_row_group=32, val_fraction=0.05,
-                 val_docs=None, max_docs=None, seed=42):
+                 val_docs=None, max_docs=None, seed=42, max_doc_chars=MAX_DOC_CHARS):
     "Shuffle a corpus (default: the Python stdlib; or a folder) into train shards plus a last, validation shard."
-    docs = stdlib_documents(max_docs) if source is None else itertools.islice(iter_folder_documents(source), max_docs)
-    docs = list(docs)
+    data_dir, tmp_dir = Path(run_dir) / "data", Path(run_dir) / "data.tmp"
+    data_dir.mkdir(parents=True, exist_ok=True)  # a run_dir that is a file fails here, before the corpus is read
+    skipped = []
+    docs = stdlib_documents(max_docs) if source is None else \
+        itertools.islice(iter_folder_documents(source, skipped), max_docs)
+    docs = [split_document(doc, max_doc_chars) for doc in docs]
+    n_split, docs = sum(len(d) > 1 for d in docs), [piece for d in docs for piece in d]
     # a fixed shuffle makes the validation shard (the tail) a fair sample rather than the last files by name
     random.Random(seed).shuffle(docs)
     n_val = val_docs if val_docs is not None else max(1, round(val_fraction * len(docs)))
     if not 0 < n_val < len(docs):
         raise ValueError(f"need at least one train and one validation document: got {len(docs)} documents "
-                         f"and {n_val} for validation (fix: a bigger corpus, or change val_docs/val_fraction)")
+                         f"and {n_val} for validation ({len(skipped)} files skipped as not text) (fix: a bigger "
+                         "corpus, or change val_docs/val_fraction)")
     train, val = docs[:-n_val], docs[-n_val:]
-    data_dir, tmp_dir = Path(run_dir) / "data", Path(run_dir) / "data.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     paths = write_shards(train, tmp_dir, chars_per_shard, docs_per_row_group, seed=None)
     # smaller row groups in the small validation shard, so that up to 8 ranks all get a share of it
     val_rows = max(1, min(docs_per_row_group, len(val) // 8))
     paths += write_shards(val, tmp_dir, float("inf"), val_rows, seed=None, start_index=len(paths))
     # swap in the new set only once it is complete, and drop old shards so no stale one stays behind as "val"
-    data_dir.mkdir(parents=True, exist_ok=True)
     for old in data_dir.glob("shard_*.parquet"):
         old.unlink()
     for p in paths:
@@ -276,7 +332,10 @@ def prepare_data(run_dir, source=None, chars_per_shard=4_000_000, docs_per_row_g
     return {"data_dir": str(data_dir), "source": str(source) if source else "python stdlib",
             "num_shards": len(paths), "train_shards": len(paths) - 1, "num_docs": len(docs),
             "train_docs": len(train), "val_docs": len(val), "num_chars": sum(map(len, docs)),
-            "row_groups": sum(pq.read_metadata(data_dir / p.name).num_row_groups for p in paths)}
+            "row_groups": sum(pq.read_metadata(data_dir / p.name).num_row_groups for p in paths),
+            "split_docs": n_split, "skipped_files": len(skipped),
+            **({"skipped": "; ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")}
+               if skipped else {})}
 
 
 # %%
@@ -314,12 +373,21 @@ def list_shards(data_dir, split=None):
 
 # %%
 #| export
+def shard_metadata(path):
+    "The parquet footer of a shard; a damaged or truncated file gets a clear error that names it."
+    try:
+        return pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path} is not a readable parquet shard ({str(e)[:120]}): it is damaged or truncated; "
+                         "fix: run `nanochat-nb data prepare` (or `data download`) again") from None
+
+
 def describe_shards(data_dir):
     "One row per shard, from the parquet footers: name, split, row groups, docs, MB of text, MB on disk."
     paths = list_shards(data_dir)
     rows = []
     for i, p in enumerate(paths):
-        md = pq.read_metadata(p)
+        md = shard_metadata(p)
         text_bytes = sum(md.row_group(r).column(0).total_uncompressed_size for r in range(md.num_row_groups))
         rows.append({"shard": p.name, "split": "val" if i == len(paths) - 1 else "train",
                      "row_groups": md.num_row_groups, "docs": md.num_rows,
@@ -333,6 +401,45 @@ md_table(describe_shards(data_dir))
 test_eq(list_shards(data_dir, "val"), list_shards(data_dir)[-1:])
 test_eq(len(list_shards(data_dir, "train")), stats["train_shards"])
 test_fail(lambda: list_shards(scratch / "nothing_here"), contains="nanochat-nb data prepare")
+
+
+# %% [markdown]
+# A checkpoint should remember which corpus it was trained on, so that resuming after `data prepare` ran on other
+# text is caught rather than carried on silently. `shards_fingerprint` hashes every byte of a small shard (ours are
+# about 1 MB). Hashing all of 24 GB of FineWeb at every start would take a minute, so a shard bigger than 4 MB is
+# hashed by its size, its parquet footer (row counts, offsets and sizes of every column chunk) and its first and
+# last megabyte of compressed text. Preparing the same corpus again writes the same bytes, so the fingerprint stays
+# the same.
+
+# %%
+#| export
+def _shard_digest(path, whole_below=4 << 20, edge=1 << 20):
+    "The bytes that identify a shard: all of a small one; size, footer and first and last MB of a big one."
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= whole_below:
+            return f.read()
+        head = f.read(edge)
+        f.seek(size - 8)
+        tail = f.read(8)
+        footer_len = int.from_bytes(tail[:4], "little") if tail[4:] == b"PAR1" else 0
+        f.seek(max(0, size - 8 - max(footer_len, edge)))
+        return str(size).encode() + head + f.read()
+
+
+def shards_fingerprint(data_dir):
+    "A short hash of the shards in `data_dir` (names and contents, sampled when big): which corpus a run trains on."
+    h = hashlib.sha256()
+    for path in list_shards(data_dir):
+        h.update(f"{path.name}\n".encode() + _shard_digest(path))
+    return h.hexdigest()[:16]
+
+
+# %%
+fingerprint = shards_fingerprint(data_dir)
+prepare_data(run_dir)
+test_eq(shards_fingerprint(data_dir), fingerprint)  # the same corpus again: the same fingerprint
+print(fingerprint)
 
 
 # %% [markdown]
@@ -456,22 +563,33 @@ def download_data(run_dir, num_shards, **kwargs):
 
 # %%
 #| export
+def read_row_group(path, row_group):
+    "The texts of one row group of a shard; a damaged file gets a clear error that names it."
+    try:
+        return pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException, KeyError) as e:
+        raise ValueError(f"{path}, row group {row_group}, cannot be read ({str(e)[:120]}): the shard is damaged; "
+                         "fix: run `nanochat-nb data prepare` (or `data download`) again") from None
+
+
 def rank_documents(paths, rank=0, world_size=1, start=None):
     "Yield ((epoch, shard, row_group, doc), text) for `rank`: row groups rank, rank+W, ... of each shard, forever."
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    num_row_groups = [pq.read_metadata(p).num_row_groups for p in paths]
+    num_row_groups = [shard_metadata(p).num_row_groups for p in paths]
     if not any(n > rank for n in num_row_groups):
         raise ValueError(f"rank {rank} of {world_size} gets no row groups (the largest shard has "
                          f"{max(num_row_groups)}); fix: fewer ranks, or shards with a smaller docs_per_row_group")
     epoch, s0, r0, d0 = start or (1, 0, rank, 0)
     if r0 % world_size != rank:
         raise ValueError(f"start row group {r0} does not belong to rank {rank} of {world_size}")
+    last = None, None  # the row group read last: a small corpus read again every epoch is not decoded again
     while True:
         for s in range(s0, len(paths)):
-            pf = pq.ParquetFile(paths[s])
             for rg in range(r0 if s == s0 else rank, num_row_groups[s], world_size):
-                texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                if last[0] != (s, rg):
+                    last = (s, rg), read_row_group(paths[s], rg)
+                texts = last[1]
                 for d in range(d0 if (s, rg) == (s0, r0) else 0, len(texts)):
                     yield (epoch, s, rg, d), texts[d]
         epoch, s0, r0, d0 = epoch + 1, 0, rank, 0
@@ -568,15 +686,15 @@ class BestFitBuffer:
     def __len__(self):
         return len(self.docs)
 
-    def add(self, key, ids):
-        "Buffer the token ids of the document at position `key`."
-        bisect.insort(self.by_len, (len(ids), self.arrivals))
+    def add(self, key, ids, length=None):
+        "Buffer the ids of the document at `key`; `length` is its full length when `ids` holds only its start."
+        bisect.insort(self.by_len, (len(ids) if length is None else length, self.arrivals))
         self.docs[self.arrivals] = (key, ids)
         self.arrivals += 1
 
     def _pop(self, i):
-        _, arrival = self.by_len.pop(i)
-        return self.docs.pop(arrival)[1]
+        length, arrival = self.by_len.pop(i)
+        return length, self.docs.pop(arrival)[1]
 
     def fill_row(self, row_len, refill=lambda: None):
         "Pack one row of exactly `row_len` tokens; `refill()` runs before every pick to top the buffer up."
@@ -586,10 +704,10 @@ class BestFitBuffer:
             space = row_len - len(row)
             i = bisect.bisect_right(self.by_len, (space, float("inf"))) - 1  # the longest doc with length <= space
             if i >= 0:
-                row += self._pop(bisect.bisect_left(self.by_len, (self.by_len[i][0], -1)))  # oldest of that length
+                row += self._pop(bisect.bisect_left(self.by_len, (self.by_len[i][0], -1)))[1]  # oldest of that length
             else:
-                ids = self._pop(0)  # nothing fits: crop the shortest doc to fill the row exactly
-                self.cropped += len(ids) - space
+                length, ids = self._pop(0)  # nothing fits: crop the shortest doc to fill the row exactly
+                self.cropped += length - space
                 row += ids[:space]
         return row
 
@@ -607,7 +725,6 @@ for trial in range(20):
         buf.add(i, d)
     test_eq([buf.fill_row(33) for _ in range(40)], best_fit_rows(docs, 40, 33))
 
-
 # %% [markdown]
 # ## The loader
 #
@@ -624,21 +741,44 @@ for trial in range(20):
 # deterministic. Tokenising is kept out of the state on purpose: the 128-document batches are a look-ahead cache,
 # and the buffer is topped up to exactly `buffer_docs` one document at a time, so the batches do not depend on
 # `tokenizer_batch_size` either.
+#
+# **Bounded memory.** What the loader holds must not grow with the size of one document, nor with how often a small
+# corpus repeats to fill the buffer (one 50 MB document, read again every epoch, once took a loader to 23 GB). Three
+# caps see to it. A document is cut to `max_doc_chars` characters before it is tokenised; for best fit the cut is
+# tighter, at `(T + 1)` times the longest token's bytes, because no row can use more of a document than its first
+# `T + 1` tokens. Best fit keeps only those `T + 1` ids of each buffered document, plus the number of tokens that
+# were tokenised (the packing needs it to find the shortest document; for a document cut short it counts the part
+# kept). And the look-ahead takes 128 documents or 4M characters, whichever comes first.
 
 # %%
 #| export
+TOKENIZE_BATCH_CHARS = 4_000_000  # the look-ahead tokenises at most this many characters at a time (or 128 docs)
+
+
+def _encode_docs(tokenizer, texts, max_chars, keep=None):
+    "[(ids, length)] of documents cut to `max_chars` characters, BOS first; only the first `keep` ids are kept."
+    rows = tokenizer.encode([text[:max_chars] for text in texts], prepend=tokenizer.bos_id, num_threads=4)
+    return [(ids[:keep] if keep else ids, len(ids)) for ids in rows]
+
+
 class _Tokenised:
     "A rank's documents from `start` on, tokenised in batches, BOS first: a look-ahead cache, not part of the state."
 
-    def __init__(self, tokenizer, paths, rank, world_size, start, batch_size):
-        self.tokenizer, self.batch_size = tokenizer, batch_size
+    def __init__(self, tokenizer, paths, rank, world_size, start, batch_size, max_chars=MAX_DOC_CHARS, keep=None):
+        self.tokenizer, self.batch_size, self.max_chars, self.keep = tokenizer, batch_size, max_chars, keep
         self.docs = rank_documents(paths, rank, world_size, start)
         self.queue = deque()
 
     def _fill(self):
-        batch = list(itertools.islice(self.docs, self.batch_size))
-        ids = self.tokenizer.encode([text for _, text in batch], prepend=self.tokenizer.bos_id, num_threads=4)
-        self.queue.extend(zip((key for key, _ in batch), ids))
+        keys, texts, chars = [], [], 0
+        for key, text in self.docs:
+            keys.append(key)
+            texts.append(text[:self.max_chars])
+            chars += len(texts[-1])
+            if len(keys) == self.batch_size or chars >= TOKENIZE_BATCH_CHARS:
+                break
+        encoded = _encode_docs(self.tokenizer, texts, self.max_chars, self.keep)
+        self.queue.extend((key, ids, n) for key, (ids, n) in zip(keys, encoded))
 
     def peek(self):
         "Position of the next document."
@@ -659,7 +799,7 @@ def _read_docs(paths, keys):
     groups = {}
     for _, s, rg, _ in keys:
         if (s, rg) not in groups:
-            groups[s, rg] = pq.ParquetFile(paths[s]).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            groups[s, rg] = read_row_group(paths[s], rg)
     return [groups[s, rg][d] for _, s, rg, d in keys]
 
 
@@ -680,7 +820,7 @@ class DataLoader:
     "Stream (inputs, targets, state) batches of B rows of T tokens from parquet shards; resumes exactly from `state`."
 
     def __init__(self, tokenizer, data_dir, B, T, split="train", rank=0, world_size=1, device="cpu", packing="bestfit",
-                 buffer_docs=1000, state=None, tokenizer_batch_size=128):
+                 buffer_docs=1000, state=None, tokenizer_batch_size=128, max_doc_chars=MAX_DOC_CHARS):
         if packing not in ("bestfit", "stream"):
             raise ValueError(f"packing must be 'bestfit' or 'stream', got {packing!r}")
         if min(B, T, buffer_docs, tokenizer_batch_size) < 1:
@@ -693,8 +833,12 @@ class DataLoader:
         if wrong:
             raise ValueError(f"state does not fit this loader, {{key: (state, loader)}}: {wrong}; "
                              f"resume with the same packing, split, rank and world_size")
+        # best fit uses at most T + 1 tokens of a document, and no token covers more characters than it has bytes
+        longest = int(tokenizer.token_bytes.max()) if packing == "bestfit" and hasattr(tokenizer, "token_bytes") else 0
+        max_chars = min(max_doc_chars, (T + 1) * longest) if longest else max_doc_chars
+        keep = T + 1 if packing == "bestfit" else None
         self.source = _Tokenised(tokenizer, self.paths, rank, world_size, state and tuple(state["next"]),
-                                 tokenizer_batch_size)
+                                 tokenizer_batch_size, max_chars, keep)
         self.pending, self.offset = deque(), 0  # stream: docs not yet used up, and how many tokens of the first are
         self.buffer = BestFitBuffer()
         if state and packing == "stream" and state["offset"]:
@@ -704,9 +848,9 @@ class DataLoader:
             keys = [(e, s, rg, d) for e, s, rg, ds in state["buffer"] for d in ds]
             texts = _read_docs(self.paths, keys)
             for i in range(0, len(keys), tokenizer_batch_size):
-                ids = tokenizer.encode(texts[i:i + tokenizer_batch_size], prepend=tokenizer.bos_id, num_threads=4)
-                for key, doc in zip(keys[i:i + tokenizer_batch_size], ids):
-                    self.buffer.add(key, doc)
+                encoded = _encode_docs(tokenizer, texts[i:i + tokenizer_batch_size], max_chars, keep)
+                for key, (ids, n) in zip(keys[i:i + tokenizer_batch_size], encoded):
+                    self.buffer.add(key, ids, n)
 
     def state_dict(self):
         "Where the next batch starts: a small JSON-serialisable dict of document positions, never tokens."
@@ -726,7 +870,8 @@ class DataLoader:
         while len(tokens) < n:
             if i == len(self.pending):
                 self.pending.append(next(self.source))
-            tokens += self.pending[i][1][self.offset if i == 0 else 0:]
+            start = self.offset if i == 0 else 0
+            tokens += self.pending[i][1][start:start + n - len(tokens)]  # only what the batch needs
             i += 1
         used = self.offset + n - 1
         while self.pending and used >= len(self.pending[0][1]):
@@ -771,6 +916,10 @@ docs_in_order = tokenizer.encode([t for _, t in itertools.islice(rank_documents(
                                  prepend=tokenizer.bos_id)
 test_eq(s_inputs.flatten().tolist(), list(itertools.chain(*docs_in_order))[:B * T])
 print(f"state: {len(json.dumps(state))} bytes of JSON, epoch {state['epoch']}, next document at {state['next']}")
+# bounded memory: the best-fit buffer holds at most T + 1 ids of each of its documents, however long they are
+longest_kept = max(len(ids) for _, ids in bestfit.buffer.docs.values())
+print(f"best fit buffers {len(bestfit.buffer)} documents, at most {longest_kept} ids each")
+assert longest_kept <= T + 1
 
 # %% [markdown]
 # And the promise of this section: stop after a few batches, rebuild a loader from the saved state (through JSON, as

@@ -38,12 +38,22 @@
 
 # %%
 #| export
+import errno
 import json
+import math
 import os
 import re
+import socket
+import sys
+import time
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl  # POSIX file locks; on Windows run directories are simply not locked
+except ImportError:
+    fcntl = None
 
 from nanochat_nb.model import GPTConfig, build_model
 from nanochat_nb.tokenizer import Tokenizer
@@ -52,8 +62,8 @@ from nanochat_nb.tokenizer import Tokenizer
 #| hide
 import io
 import shutil
+import subprocess
 import tempfile
-import time
 from unittest import mock
 
 import matplotlib.pyplot as plt
@@ -171,20 +181,51 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+# %% [markdown]
+# One more detail: when the disk fills up in the middle of a `torch.save`, PyTorch reports it as a bare
+# `RuntimeError: [enforce fail at inline_container.cc:672]`, which never says that the disk is full. So the file
+# handed to `write_fn` is wrapped in a small recorder that keeps the operating system's own error, and that error is
+# what `atomic_write` raises, with the final file name attached.
+
 # %%
 #| export
+class _RecordingFile:
+    "A file wrapper that keeps the OSError of a failed write (torch.save hides a full disk behind a RuntimeError)."
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write(path, write_fn):
     "Write `path` by `write_fn(file)` into a temp file beside it, fsync it, then rename it onto `path`."
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            write_fn(f)
+            out = _RecordingFile(f)
+            try:
+                write_fn(out)
+            except Exception as e:
+                if out.error is None or out.error is e:
+                    raise
+                raise out.error from e  # the disk's own error (ENOSPC, EFBIG, ...), not torch's wrapper of it
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before any name points at them
         os.replace(tmp, path)  # atomic: readers see the old file or the new one
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, e.strerror, str(path)) from e  # name the file the caller asked for
         raise
     _fsync_dir(path.parent)
 
@@ -200,6 +241,21 @@ with mock.patch.object(torch, "save", half_save):
               contains="No space left")
 test_eq(torch.load(tmp / "atomic.pt")["w"].sum().item(), 1000.0)
 print(sorted(p.name for p in tmp.iterdir()))
+
+# %% [markdown]
+# And a real full disk: Linux's `/dev/full` answers every write with "No space left on device". `torch.save` may turn
+# that into its `RuntimeError`; the recorder still has the disk's own words.
+
+# %%
+if Path("/dev/full").exists():
+    with open("/dev/full", "wb", buffering=0) as f:
+        out = _RecordingFile(f)
+        try:
+            torch.save({"w": torch.ones(100_000)}, out)
+        except (RuntimeError, OSError) as e:  # which one depends on where in the zip file the write failed
+            print("torch says:   ", f"{type(e).__name__}: {str(e)[:60]}")
+            print("the disk says:", out.error)
+    test_eq(out.error.errno, errno.ENOSPC)
 
 # %% [markdown]
 # ## The commit marker
@@ -279,6 +335,49 @@ def _meta_json(meta, step):
 # then the meta. `torch.compile` wraps a model and prefixes its keys with `_orig_mod.`; we strip that so a checkpoint
 # loads into a plain model.
 
+# %% [markdown]
+# When the disk refuses a save (full, read-only, a quota), the error should say so in words, name the file, and tell
+# the user what they still have. `explain_os_error` turns an `OSError` into that line; `save_checkpoint` adds which
+# step is still the latest complete one. Its error is both a `CheckpointError` and an `OSError` (with the errno), so
+# callers can catch either.
+
+# %%
+#| export
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def explain_os_error(e):
+    "One line for an OSError: what the system refused, on which file, and the fix."
+    where = f": {e.filename}" if e.filename else ""
+    if e.errno in _NO_SPACE:
+        return (f"the disk is full, or a quota or file-size limit was reached ({e.strerror}){where}; fix: free some "
+                "space, or use a --run-dir on a disk with room")
+    if e.errno == errno.EROFS:
+        return f"the file system is read-only{where}; fix: use a --run-dir on a writable disk"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied ({e.strerror}){where}; fix: use a --run-dir you are allowed to write to"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"{e.strerror}{where}: a file stands where a folder is needed, or the reverse; fix: check the path"
+    return f"{e.strerror or e}{where}"
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    "A save the operating system refused (disk full, read-only, ...): an OSError with its errno, and a clear message."
+
+    def __init__(self, error, message):
+        super().__init__(error.errno, error.strerror, error.filename)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+# %%
+for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+    print(explain_os_error(OSError(code, os.strerror(code), "runs/demo/checkpoints/base/model_000500.pt")))
+assert "read-only" in explain_os_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "x"))
+
+
 # %%
 #| export
 def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, barrier=None):
@@ -288,18 +387,26 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
     if rank == 0 and model_state is None:
         raise CheckpointError(f"rank 0 must pass the model state of step {step}; fix: pass model.state_dict()")
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     model_path, meta_path, optim_path = _paths(ckpt_dir, step, rank)
-    if rank == 0:
-        meta_path.unlink(missing_ok=True)  # saving a step again withdraws its old commit before touching its files
-    if optimizer_state is not None:
-        atomic_write(optim_path, lambda f: torch.save(optimizer_state, f))
-    if barrier is not None:
-        barrier()  # all shards are on disk before rank 0 commits the step
-    if rank == 0:
-        model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
-        atomic_write(model_path, lambda f: torch.save(model_state, f))
-        atomic_write(meta_path, lambda f: f.write(meta_text.encode()))
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            meta_path.unlink(missing_ok=True)  # saving a step again withdraws its old commit before touching its files
+        if optimizer_state is not None:
+            atomic_write(optim_path, lambda f: torch.save(optimizer_state, f))
+        if barrier is not None:
+            barrier()  # all shards are on disk before rank 0 commits the step
+        if rank == 0:
+            model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+            atomic_write(model_path, lambda f: torch.save(model_state, f))
+            atomic_write(meta_path, lambda f: f.write(meta_text.encode()))
+    except OSError as e:
+        if e.errno is None:
+            raise
+        latest = latest_step(ckpt_dir) if ckpt_dir.is_dir() else None
+        intact = f"step {latest} is still the latest complete checkpoint" if latest is not None else \
+            "no step was saved before"
+        raise CheckpointWriteError(e, f"saving step {step} failed: {explain_os_error(e)}; {intact}") from e
 
 
 # %% [markdown]
@@ -396,7 +503,13 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", load_optimizer=False, ran
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON ({e}); fix: repair or delete it (deleting it "
                               "uncommits the step) and load another step") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; fix: repair or delete "
+                              "it (deleting it uncommits the step) and load another step")
     model_state = _torch_load(model_path, device)
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        raise CheckpointError(f"{model_path} holds a {type(model_state).__name__}, not a model state_dict of tensors; "
+                              "fix: delete this step's files and load an earlier step")
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
     if torch.device(device).type in ("cpu", "mps"):
         model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
@@ -455,26 +568,31 @@ def _check_state(expected, got, path):
 
 # %%
 #| export
-def load_model(run_dir, stage="base", step=None, device="cpu", tokenizer=None):
-    "Rebuild the GPT saved at `stage`/`step` of a run, load its weights strictly, and check the tokenizer fits."
-    ckpt_dir = checkpoint_dir(run_dir, stage)
+def load_model_dir(ckpt_dir, step=None, device="cpu", tokenizer=None, tokenizer_dir=None):
+    "Rebuild the GPT saved in a checkpoint directory (ours or nanochat's), load it strictly, check the tokenizer fits."
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
     model_path, meta_path, _ = _paths(ckpt_dir, meta["step"])
     try:
         config = GPTConfig(**meta["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: model_config cannot build a GPTConfig ({e}); fix: save meta with "
-                              "model_config=dataclasses.asdict(config)") from e
-    if tokenizer is None and (Path(run_dir) / "tokenizer").is_dir():
-        tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer")
+                              "model_config=dataclasses.asdict(config) (nanochat's newer checkpoints, with "
+                              "window_pattern, are a different model and cannot be loaded here)") from e
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{meta_path}: the model has vocab_size {config.vocab_size} but the tokenizer has "
-                              f"{tokenizer.vocab_size}; fix: use the tokenizer this model was trained with "
-                              f"({Path(run_dir) / 'tokenizer'})")
+                              f"{tokenizer.vocab_size}; fix: use the tokenizer this model was trained with"
+                              + (f" ({tokenizer_dir})" if tokenizer_dir else ""))
     model = build_model(config, device)
     _check_state(model.state_dict(), model_state, model_path)
     model.load_state_dict(model_state, strict=True)
     return model, meta
+
+
+def load_model(run_dir, stage="base", step=None, device="cpu", tokenizer=None):
+    "Rebuild the GPT saved at `stage`/`step` of a run, load its weights strictly, and check the tokenizer fits."
+    if tokenizer is None and (Path(run_dir) / "tokenizer").is_dir():
+        tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer")
+    return load_model_dir(checkpoint_dir(run_dir, stage), step, device, tokenizer, Path(run_dir) / "tokenizer")
 
 
 # %% [markdown]
@@ -644,19 +762,25 @@ test_fail(lambda: load_model(run_dir, tokenizer=OtherTokenizer()), contains="voc
 
 # %%
 #| export
-def prune_checkpoints(ckpt_dir, keep=2):
+def prune_checkpoints(ckpt_dir, keep=2, remove_temps=True):
     "Delete all but the newest `keep` complete checkpoints, and leftover temp files; returns the deleted steps."
     if keep < 1:
         raise ValueError(f"keep={keep} would delete every checkpoint; fix: keep=1 or more")
     ckpt_dir = Path(ckpt_dir)
-    old = sorted(_steps(ckpt_dir, _MODEL) & _steps(ckpt_dir, _META))[:-keep]
+    complete = sorted(_steps(ckpt_dir, _MODEL) & _steps(ckpt_dir, _META))
+    old = complete[:-keep]
     for step in old:
         model_path, meta_path, _ = _paths(ckpt_dir, step)
         meta_path.unlink()  # uncommit first
         model_path.unlink()
         for shard in ckpt_dir.glob(f"optim_{step:06d}_rank*.pt"):
             shard.unlink()
-    for stray in ckpt_dir.glob(".*.tmp"):
+    # files of uncommitted steps older than the newest complete one belong to saves that died: they never commit now
+    for path in ckpt_dir.iterdir() if complete else ():
+        m = re.fullmatch(r"(?:model|optim)_(\d{6,})(?:_rank\d+)?\.pt", path.name)
+        if m and int(m.group(1)) < complete[-1] and int(m.group(1)) not in complete:
+            path.unlink()
+    for stray in ckpt_dir.glob(".*.tmp") if remove_temps else ():
         stray.unlink()
     return old
 
@@ -666,6 +790,266 @@ def prune_checkpoints(ckpt_dir, keep=2):
 test_eq(prune_checkpoints(ckpt_dir, keep=1), [1])
 print(sorted(p.name for p in ckpt_dir.iterdir()))
 test_eq(latest_step(ckpt_dir), 2)
+
+
+# %% [markdown]
+# ## Going further: a run directory that cannot be broken
+#
+# Atomic files protect one save. A run directory meets worse: two commands started on it at once, a fresh run
+# typed where a resume was meant, `data prepare` re-run on another corpus before a resume, a full disk, a loss that
+# turns into NaN. The pieces below are shared by every training stage (pretraining, midtraining, SFT, RL), so each
+# of those failures gets the same answer everywhere: one line that names the problem and the fix, and nothing lost.
+# The command-line tests (`tests/test_robust_*.py`) meet each of them as a user would.
+#
+# **The run directory itself.** An empty `--run-dir` would write into the current folder; a path that is a file, or
+# a disk that refuses writes, should fail before an hour of tokenizer training rather than after it.
+
+# %%
+#| export
+class RunDirError(Exception):
+    "A run directory that cannot be used as asked; the message names it, what is wrong and the fix."
+
+
+def check_run_dir(run_dir):
+    "`run_dir` as a Path, created if needed; one clear error if it is empty, a file, or not writable."
+    if run_dir is None or not str(run_dir).strip():
+        raise RunDirError("--run-dir is empty, which would write into the current folder; fix: name a folder, e.g. "
+                          "--run-dir runs/demo")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a folder; fix: choose another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to --run-dir {run_dir}: {explain_os_error(e)}") from e
+    return run_dir
+
+
+# %%
+test_fail(lambda: check_run_dir(""), contains="current folder")
+(tmp / "a_file").write_text("not a folder")
+test_fail(lambda: check_run_dir(tmp / "a_file"), contains="is a file")
+test_fail(lambda: check_run_dir(tmp / "a_file" / "run"), contains="cannot write")
+test_eq(check_run_dir(tmp / "fresh" / "run"), tmp / "fresh" / "run")
+
+
+# %% [markdown]
+# **One writer per stage.** A run directory holds several things, each written by one command: `tokenizer`, `data`
+# and each stage's checkpoints (`base`, `mid`, ...). `RunLock` claims them with the operating system's file locks
+# (`flock`): `writes` for this process alone, `reads` shared with other readers. Pretraining writes `base` and reads
+# `tokenizer` and `data`, so a second pretraining, or a `data prepare` under a running pretraining, gets one line
+# naming the process that holds it; downloading data while the tokenizer trains still works. The kernel drops a lock
+# when its process dies, however it dies, so a `kill -9` never leaves a stale lock behind. And because whoever holds
+# a thing for writing is its only writer, the temp files of a killed save found in its folder are stale by
+# definition: they are removed at the start (12 MB each at the `micro` size, gigabytes at d20).
+
+# %%
+#| export
+def _stage_dirs(run_dir, name):
+    "The folders that hold `name`: the tokenizer, the data, or a stage's checkpoints."
+    return [run_dir / name] if name in ("tokenizer", "data") else [checkpoint_dir(run_dir, name)]
+
+
+def remove_stale_temps(run_dir, name, log=None):
+    "Delete the temp files that killed writers left in `name`'s folders; call it only while holding `name`."
+    stale = [p for d in _stage_dirs(Path(run_dir), name) if d.is_dir() for p in d.glob("*.tmp") if p.is_file()]
+    size = sum(p.stat().st_size for p in stale)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale and log:
+        log(f"removed {len(stale)} stale temporary file(s) ({size / 1e6:.1f} MB) that a killed process left in "
+            f"{stale[0].parent}")
+    return stale
+
+
+def _lock_holder(path):
+    "Who holds the lock file at `path`, as far as it says."
+    try:
+        info = json.loads(path.read_text())
+        return f"pid {info['pid']} on {info['host']} (`{info['command']}`, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+# %%
+#| export
+class RunLock:
+    "Claim parts of a run directory: `writes` for this process alone, `reads` shared; a dead holder's claim lapses."
+
+    def __init__(self, run_dir, writes=(), reads=(), log=None):
+        names = set(writes) | set(reads)
+        if not names <= {"tokenizer", "data", *STAGES}:
+            raise ValueError(f"unknown parts {sorted(names - {'tokenizer', 'data', *STAGES})} of a run directory")
+        self.run_dir, self.writes, self.reads, self.log = Path(run_dir), tuple(writes), tuple(reads), log
+        self.files = []
+
+    def __enter__(self):
+        if fcntl is None:
+            return self
+        (self.run_dir / ".locks").mkdir(parents=True, exist_ok=True)
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S"),
+                           "command": " ".join(["nanochat-nb", *sys.argv[1:]])[:160]})
+        modes = sorted([(n, fcntl.LOCK_EX) for n in self.writes] + [(n, fcntl.LOCK_SH) for n in self.reads])
+        for name, mode in modes:  # a fixed order, so that two processes never wait on each other in a circle
+            path = self.run_dir / ".locks" / f"{name}.lock"
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                self.__exit__()
+                raise RunDirError(f"{self.run_dir}: its {name} is in use by {_lock_holder(path)}; fix: wait for that "
+                                  "process to finish (or stop it), or use another --run-dir") from None
+            self.files.append(f)
+            f.seek(0), f.truncate(), f.write(info), f.flush()
+        for name in self.writes:
+            remove_stale_temps(self.run_dir, name, self.log)
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files:
+            f.close()  # closing the file releases its lock
+        self.files = []
+
+
+# %% [markdown]
+# A second process, here a real one, cannot take what the first holds; once the first lets go, it can. A leftover
+# temp file of a killed save is swept when `base` is claimed for writing.
+
+# %%
+lock_run = tmp / "locked_run"
+claim = ("import sys; from nanochat_nb.checkpoint import RunLock, RunDirError\n"
+         "try:\n    RunLock(sys.argv[1], writes=['base']).__enter__(); print('got it')\n"
+         "except RunDirError as e:\n    print(e)")
+(checkpoint_dir(lock_run) / ".model_000002.pt.4242.tmp").parent.mkdir(parents=True)
+(checkpoint_dir(lock_run) / ".model_000002.pt.4242.tmp").write_bytes(b"x" * 1000)
+with RunLock(lock_run, writes=["base"], reads=["data"], log=print):
+    other = subprocess.run([sys.executable, "-c", claim, str(lock_run)], capture_output=True, text=True).stdout
+    print(other)
+    assert "in use by pid" in other
+test_eq(list(checkpoint_dir(lock_run).glob("*.tmp")), [])
+with RunLock(lock_run, writes=["base"]):  # released on leaving the block: it can be claimed again
+    pass
+
+# %% [markdown]
+# **A fresh run never lands on an old one.** Starting a stage without `--resume` where that stage already has
+# checkpoints or metrics would mix two runs (the old checkpoints stay, the metrics restart, and a later resume picks
+# up the old run's step). So it is refused unless the user says which they mean: `--resume`, or `--overwrite`,
+# which clears the stage first with `clear_checkpoints` (metas first, so a crash midway leaves nothing committed).
+
+# %%
+#| export
+_STEP_FILE = r"(?:model|meta|optim)_\d{6,}(?:_rank\d+)?\.(?:pt|json)"
+
+
+def check_stage_empty(ckpt_dir, metrics_path):
+    "Refuse a fresh start where a stage already has checkpoints or metrics, naming the flags that decide."
+    ckpt_dir, metrics_path = Path(ckpt_dir), Path(metrics_path)
+    files = [p for p in ckpt_dir.iterdir() if re.fullmatch(_STEP_FILE, p.name)] if ckpt_dir.is_dir() else []
+    has_metrics = metrics_path.is_file() and metrics_path.stat().st_size > 0
+    if files or has_metrics:
+        latest = latest_step(ckpt_dir)
+        what = (f"checkpoints up to step {latest}" if latest is not None else f"{len(files)} checkpoint file(s)") \
+            if files else f"metrics in {metrics_path}"
+        raise RunDirError(f"{ckpt_dir.parent.parent} already holds a {ckpt_dir.name} run ({what}); fix: --resume to "
+                          "continue it, --overwrite to delete it and start over, or another --run-dir")
+
+
+def clear_checkpoints(ckpt_dir):
+    "Delete every checkpoint file of a stage, metas first; returns how many files went."
+    files = [p for p in Path(ckpt_dir).iterdir() if re.fullmatch(_STEP_FILE, p.name)] if Path(ckpt_dir).is_dir() else []
+    for p in sorted(files, key=lambda p: not p.name.startswith("meta_")):
+        p.unlink()
+    return len(files)
+
+
+# %%
+test_fail(lambda: check_stage_empty(ckpt_dir, tmp / "no_metrics.jsonl"), contains="--overwrite")
+check_stage_empty(tmp / "run" / "checkpoints" / "mid", tmp / "no_metrics.jsonl")  # nothing there: fine
+
+
+# %% [markdown]
+# **The inputs a checkpoint was trained on.** Its meta records `fingerprints`: short hashes of the tokenizer
+# (`Tokenizer.fingerprint`) and of the data shards (`shards_fingerprint`). A resume compares them with what the run
+# directory holds now and stops if they differ, unless the user allows that input to change. Checkpoints from before
+# fingerprints existed are resumed unchecked, with a note.
+
+# %%
+#| export
+def check_fingerprints(meta_path, saved, current, allow=()):
+    "Stop a resume whose inputs differ from those in the checkpoint's meta, unless allowed; returns unchecked names."
+    saved = saved if isinstance(saved, dict) else {}
+    changed = [k for k, v in current.items() if k in saved and saved[k] != v and k not in allow]
+    if changed:
+        what = ", ".join(f"{k} {saved[k]} (it is {current[k]} now)" for k in changed)
+        flags = " ".join(f"--allow-{k}-change" for k in changed)
+        raise RunDirError(f"{meta_path} was trained on another {what}; resuming would carry on with different "
+                          f"inputs; fix: restore what it was trained on, or pass {flags} to continue on the new ones")
+    return [k for k in current if k not in saved]
+
+
+# %%
+test_fail(lambda: check_fingerprints("meta_000010.json", {"data": "ab12"}, {"data": "cd34"}), contains="--allow-data")
+test_eq(check_fingerprints("m", {"data": "ab12"}, {"data": "cd34"}, allow=["data"]), [])
+test_eq(check_fingerprints("m", None, {"tokenizer": "x"}), ["tokenizer"])
+
+
+# %% [markdown]
+# **Never save a NaN.** A learning rate too high, or a bad batch, can turn the loss into NaN; from then on every
+# weight is NaN too, and a NaN checkpoint overwrites a good one if the run carries on to its next save.
+# `check_finite` stops training with a clear line as soon as the loss, the gradient norm or (before a save) any
+# weight is not finite.
+
+# %%
+#| export
+class NonFiniteError(ValueError):
+    "Training produced NaN or infinity; the message says at which step and which checkpoint is intact."
+
+
+def check_finite(step, ckpt_dir=None, **values):
+    "Raise NonFiniteError if a value (a number, or a module whose weights are checked) is NaN or infinite."
+    for name, value in values.items():
+        if isinstance(value, torch.nn.Module):
+            ok = bool(torch.stack([torch.isfinite(p).all() for p in value.parameters()]).all())
+        else:
+            ok = value is None or math.isfinite(value)
+        if not ok:
+            latest = latest_step(ckpt_dir) if ckpt_dir is not None else None
+            kept = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint exists"
+            shown = "not finite" if isinstance(value, torch.nn.Module) else value
+            raise NonFiniteError(f"step {step}: the {name.replace('_', ' ')} is {shown}; training stopped before "
+                                 f"saving it ({kept}); fix: lower the learning rates or keep --grad-clip on, then "
+                                 "--resume")
+
+
+# %%
+check_finite(3, loss=2.5, grad_norm=0.7, weights=model)
+test_fail(lambda: check_finite(3, ckpt_dir, loss=float("nan")), contains="the latest checkpoint is step 2")
+
+
+# %% [markdown]
+# **A checkpoint that loads but is malformed** (a meta without its `loop_state`, an optimizer file without
+# `optimizers`) must not end in a `KeyError`. `checkpoint_part` fetches a part and names the file when it is missing
+# or of the wrong kind.
+
+# %%
+#| export
+def checkpoint_part(state, key, path, kind=dict):
+    "`state[key]`, checked to be a `kind`; a malformed checkpoint gets a CheckpointError naming the file and key."
+    value = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path} has no valid {key!r} (found {type(value).__name__}, expected "
+                              f"{kind.__name__}): the checkpoint is malformed or from another program; fix: resume "
+                              "from another step (delete this step's meta file), or start over with --overwrite")
+    return value
+
+
+# %%
+test_eq(checkpoint_part({"loop_state": {"a": 1}}, "loop_state", "meta.json"), {"a": 1})
+test_fail(lambda: checkpoint_part({}, "optimizers", "optim_000002_rank0.pt", list), contains="optim_000002_rank0.pt")
 
 # %% [markdown]
 # ## At scale
@@ -710,7 +1094,8 @@ print(f"d20: model {m20:.2f} GB, optimizer {o20:.2f} GB per rank, {m20 + 8 * o20
 # practice:
 #
 # - **Save rarely.** nanochat saves base training only at the end (`save_every = -1`); a save every 1,000 of its
-#   21,400 steps would keep about 100 GB on disk unless pruned. The fsync makes each save wait for the disk, which is
+#   21,400 steps would keep about 100 GB on disk unless pruned (`--keep-checkpoints 2`, the default, keeps about
+#   9.4 GB). The fsync makes each save wait for the disk, which is
 #   the point: a save that returned while the bytes sat in the page cache would be lost with the node.
 # - **Shared disk for many nodes.** The barrier only orders the writes when all ranks write to one file system. On
 #   several nodes with local disks, each node would hold only its own ranks' shards; resume needs them all in one
@@ -718,6 +1103,9 @@ print(f"d20: model {m20:.2f} GB, optimizer {o20:.2f} GB per rank, {m20 + 8 * o20
 # - **Resume needs the same world size.** The shards are cut for 8 ranks; loading `rank 3` of a 4-rank save fails with
 #   the message above instead of mixing states. Re-sharding is an exercise.
 # - **bf16 on CPU.** A checkpoint saved on a GPU (bf16 `wte`) loads on a laptop in fp32, as `load_checkpoint` casts it.
+# - **Locks.** Only global rank 0 takes `RunLock`, so eight ranks of one job do not lock each other out. `flock` works
+#   on local disks and on NFS v4 (Linux turns it into a byte-range lock there); on older network file systems a lock
+#   may not be seen by other machines, so run one job per run directory by hand.
 
 # %%
 #| hide
@@ -732,6 +1120,10 @@ shutil.rmtree(tmp)
 # - `load_checkpoint` and `load_model` fail with the file and the fix named: missing, truncated, mismatched weights,
 #   the wrong tokenizer.
 # - A crash at any point of a save leaves the previous step loadable; `prune_checkpoints` keeps the disk in check.
+# - A full or read-only disk is named as such (`explain_os_error`), not as torch's `RuntimeError`.
+# - Shared by every training stage: `check_run_dir`, `RunLock` (one writer per stage, stale temp files swept),
+#   `check_stage_empty` and `clear_checkpoints` (no mixed runs), `check_fingerprints` (the same tokenizer and data on
+#   resume), `check_finite` (no NaN saved) and `checkpoint_part` (malformed files named).
 #
 # ## Exercises
 #

@@ -32,7 +32,7 @@
 
 # %%
 #| export
-import json, math, time
+import json, math, os, time
 from itertools import islice
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -41,12 +41,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat_nb.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
-from nanochat_nb.data import DataLoader
+from nanochat_nb.checkpoint import (CheckpointError, RunLock, _check_state, _paths, atomic_write, check_finite,
+                                    check_fingerprints, check_run_dir, check_stage_empty, checkpoint_dir,
+                                    checkpoint_part, clear_checkpoints, latest_step, load_checkpoint,
+                                    prune_checkpoints, save_checkpoint)
+from nanochat_nb.data import DataLoader, shards_fingerprint
 from nanochat_nb.model import GPTConfig, build_model
 from nanochat_nb.optim import (cleanup_distributed, grad_accum_steps, init_distributed, lr_multiplier,
                                muon_momentum, setup_optimizers, training_horizon)
 from nanochat_nb.tokenizer import Tokenizer
+
+# %%
+#| hide
+import tempfile
+
+from fastcore.test import test_eq, test_fail
 
 
 # %% [markdown]
@@ -86,6 +95,7 @@ class TrainConfig:
     data_world_size: int = -1          # read data as if this many ranks shared it; -1: the real world size
     seed: int = 42
     device: str = ""                   # empty: cuda, then mps, then cpu
+    keep_checkpoints: int = 2          # complete checkpoints kept on disk (older ones are deleted); -1 keeps all
 
 
 PRESETS = {
@@ -118,6 +128,98 @@ try:
     make_config("micro", depht=3)
 except ValueError as e:
     print(e)
+
+
+# %% [markdown]
+# A value can have the right type and still be nonsense: `--num-iterations 0` (which used to mean "derive it" and
+# started a 25,600-step run), a negative or NaN learning rate (or one of 1e38, which overflows inside Muon), a
+# warmdown longer than the run, `--device tpu`. Each field has a rule, and `validate_config` checks them all before
+# the run touches a single file; the error names the flag, the value and what is allowed. The rules are a plain
+# dict, so the later stages write their own in a few lines and check them with the same `check_settings`.
+
+# %%
+#| export
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def int_rule(lo, minus_one=False):
+    "A rule: an integer >= lo, or also -1 (derive it, or never) when `minus_one`."
+    return (lambda v: _is_int(v) and (v >= lo or (minus_one and v == -1))), \
+        f"an integer >= {lo}" + (" (or -1)" if minus_one else "")
+
+
+def number_rule(lo, hi=math.inf, above=False):
+    "A rule: a finite number in [lo, hi] (or above `lo` when `above`)."
+    def ok(v):
+        return (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and (v > lo if above else v >= lo) and v <= hi
+    return ok, (f"a finite number {'>' if above else '>='} {lo}" if hi == math.inf else f"a number in [{lo}, {hi}]")
+
+
+def choice_rule(*options):
+    "A rule: one of `options`."
+    return (lambda v: v in options), "one of " + ", ".join(map(repr, options))
+
+
+def check_settings(config, rules):
+    "Check the fields of `config` against `rules` {field: (ok, allowed)}: one line names the flag, value and rule."
+    for name, (ok, allowed) in rules.items():
+        value = getattr(config, name)
+        if not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value!r} is not allowed: it must be {allowed}")
+
+
+# %%
+#| export
+TRAIN_RULES = dict(
+    depth=int_rule(1), sequence_len=int_rule(1), device_batch_size=int_rule(1), total_batch_size=int_rule(1, True),
+    num_iterations=int_rule(1, True), target_param_data_ratio=number_rule(0, above=True),
+    embedding_lr=number_rule(0, 1000), unembedding_lr=number_rule(0, 1000), matrix_lr=number_rule(0, 1000),
+    weight_decay=number_rule(0), warmup_ratio=number_rule(0, 1), warmdown_ratio=number_rule(0, 1),
+    final_lr_frac=number_rule(0, 1), grad_clip=number_rule(0), eval_every=int_rule(1, True),
+    eval_tokens=int_rule(1), sample_every=int_rule(1, True), save_every=int_rule(1, True),
+    dtype=choice_rule("auto", "fp32", "bf16"), compile=choice_rule("auto", "on", "off"),
+    packing=choice_rule("bestfit", "stream"), data_world_size=int_rule(1, True), seed=int_rule(0),
+    device=(lambda v: isinstance(v, str), "a device name"), keep_checkpoints=int_rule(1, True))
+
+
+def check_device(device):
+    "A clear error unless `device` is empty (the best one here) or a device that this machine has."
+    try:
+        d = torch.device(device) if device else None
+    except RuntimeError:
+        d = None
+    if device and (d is None or d.type not in ("cpu", "cuda", "mps")):
+        raise ValueError(f"--device {device!r} is not allowed: it must be cpu, cuda, cuda:N or mps (or empty: the "
+                         "best one this machine has)")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if d is not None and ((d.type == "cuda" and (d.index or 0) >= count) or (d.type == "mps" and not mps)):
+        have = f"{count} CUDA device(s)" if d.type == "cuda" else "no MPS device"
+        raise ValueError(f"--device {device!r}: this machine has {have}; fix: --device cpu, or leave --device "
+                         "empty to use the best one available")
+
+
+def validate_config(config):
+    "Check every setting of a TrainConfig before any file is touched; returns the config."
+    check_settings(config, TRAIN_RULES)
+    if config.warmup_ratio + config.warmdown_ratio > 1:
+        raise ValueError(f"--warmup-ratio {config.warmup_ratio} plus --warmdown-ratio {config.warmdown_ratio} is more "
+                         "than the whole run; fix: make them add up to 1 or less")
+    check_device(config.device)
+    return config
+
+
+# %%
+validate_config(make_config("micro"))
+for bad in (dict(num_iterations=0), dict(matrix_lr=float("nan")), dict(embedding_lr=-0.1), dict(warmdown_ratio=1.5),
+            dict(eval_tokens=0), dict(device="tpu"), dict(warmup_ratio=0.6, warmdown_ratio=0.6)):
+    try:
+        validate_config(make_config("micro", **bad))
+    except ValueError as e:
+        print(e)
+    else:
+        raise AssertionError(f"accepted {bad}")
 
 # %% [markdown]
 # ## How fast is fast? Peak FLOP/s and MFU
@@ -207,21 +309,50 @@ assert abs(_bpb - math.log2(_vocab) / 2) < 1e-3, _bpb
 # Every step appends one line to `run_dir/metrics/pretrain.jsonl`: easy to tail, to plot, and to read back into
 # the report. When a run resumes from step *s*, the lines the killed run wrote after *s* describe a future that
 # did not happen, so they are dropped first.
+#
+# A crash, or a full disk, in the middle of an append leaves a torn last line: half a JSON record without its
+# newline. Reading tolerates exactly that (the torn line is dropped, and said so); any other line that is not a
+# record with a `step` is an error that names the file and the line, never a bare `JSONDecodeError`.
 
 # %%
 #| export
+class MetricsError(ValueError):
+    "A metrics file that cannot be read; the message names the file, the line and the fix."
+
+
+def _metrics_lines(path, log=None):
+    "[(line, record)] of a metrics file; a torn last line is dropped (and reported through `log`)."
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if i == len(lines):  # the last line, without its newline: an append that never finished
+                if log:
+                    log(f"{path}: dropped a torn last line (a crash or a full disk during a write): {line[:60]!r}")
+                break
+            raise MetricsError(f"{path}:{i} is not a JSON record ({e}); fix: delete that line") from None
+        if not isinstance(record, dict) or not _is_int(record.get("step")):
+            raise MetricsError(f"{path}:{i} is a record without an integer 'step' ({line[:60]!r}); fix: delete "
+                               "that line")
+        out.append((line, record))
+    return out
+
+
 class MetricsLog:
     "Append-only JSON-lines log of a stage's steps, trimmed back to the resume point on restart."
-    def __init__(self, path, resume_step=None, enabled=True):
+    def __init__(self, path, resume_step=None, enabled=True, log=None):
         self.path, self.enabled = Path(path), enabled
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] < resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+        keep = []
+        if resume_step is not None and self.path.exists():
+            keep = [line for line, r in _metrics_lines(self.path, log) if r["step"] < resume_step]
+        atomic_write(self.path, lambda f: f.write("".join(l + "\n" for l in keep).encode()))
 
     def write(self, record):
         "Append one record."
@@ -230,9 +361,20 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
     @staticmethod
-    def read(path):
-        "All records of a metrics file."
-        return [json.loads(l) for l in Path(path).read_text().splitlines() if l]
+    def read(path, log=None):
+        "All records of a metrics file (a torn last line is dropped)."
+        return [record for _, record in _metrics_lines(path, log)]
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    path = Path(d) / "pretrain.jsonl"
+    path.write_text('{"step": 0, "loss": 5.1}\n{"step": 1, "loss": 4.7}\n{"step": 2, "lo')  # torn by a crash
+    test_eq([r["step"] for r in MetricsLog.read(path, log=print)], [0, 1])
+    MetricsLog(path, resume_step=1).write({"step": 1, "loss": 4.6})
+    test_eq(MetricsLog.read(path), [{"step": 0, "loss": 5.1}, {"step": 1, "loss": 4.6}])
+    path.write_text('{"step": 0}\n{"loss": 4.7}\n')
+    test_fail(lambda: MetricsLog.read(path), contains="pretrain.jsonl:2")
 
 
 # %% [markdown]
@@ -343,11 +485,25 @@ def _resolve(config, device):
 SAMPLE_PROMPTS = ["def fibonacci(n):", "import os\n", "The purpose of this module is", "class Stack:"]
 
 
-def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
+def pretrain(run_dir, config=None, resume=False, on_step=None, log=print, overwrite=False,
+             allow_data_change=False, allow_tokenizer_change=False):
     "Train a base model on `run_dir/data` with `run_dir/tokenizer`; returns a summary dict."
-    config = config or TrainConfig()
-    run_dir = Path(run_dir)
-    info = init_distributed()
+    config = validate_config(config or TrainConfig())  # every setting, before any file is touched
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or delete it and start "
+                         "over; fix: pass one of them")
+    run_dir = check_run_dir(run_dir)
+    # rank 0 claims the run directory: base for itself alone, the tokenizer and the data against writers
+    lock = RunLock(run_dir, writes=["base"], reads=["tokenizer", "data"], log=log) \
+        if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    allow = [name for name, ok in (("data", allow_data_change), ("tokenizer", allow_tokenizer_change)) if ok]
+    with lock:
+        return _pretrain(run_dir, config, resume, overwrite, allow, on_step, log)
+
+
+def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
+    "The loop of `pretrain`, run while the run directory is held."
+    info = init_distributed(torch.device(config.device).type if config.device else None)
     rank, world = info.rank, info.world_size
     device = torch.device(config.device) if config.device else info.device
     master = rank == 0
@@ -358,6 +514,10 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
 
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     token_bytes = tokenizer.token_bytes.to(device)
+    ckpt_dir, metrics_path = checkpoint_dir(run_dir, "base"), run_dir / "metrics" / "pretrain.jsonl"
+    if not resume and not overwrite:
+        check_stage_empty(ckpt_dir, metrics_path)  # a fresh run never lands on an earlier one
+    fingerprints = {"tokenizer": tokenizer.fingerprint, "data": shards_fingerprint(run_dir / "data")}
     model_config = GPTConfig.from_depth(config.depth, sequence_len=config.sequence_len,
                                         vocab_size=tokenizer.vocab_size)
     model = build_model(model_config, device)
@@ -380,23 +540,50 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
         f"{num_iterations} steps = {num_iterations * total_batch:,} tokens")
 
     # --- resume: model, this rank's optimizer shard, data positions, loop state
-    ckpt_dir = checkpoint_dir(run_dir, "base")
     step, loop = 0, dict(min_val_bpb=None, smooth_train_loss=0.0, total_training_time=0.0)
     data_states, val_bpb = None, None
     if resume and latest_step(ckpt_dir) is not None:
-        model_state, optim_state, meta = load_checkpoint(ckpt_dir, device=device, load_optimizer=True, rank=rank)
-        if meta["model_config"] != asdict(model_config):
+        step = latest_step(ckpt_dir)
+        model_state, optim_state, meta = load_checkpoint(ckpt_dir, step, device, load_optimizer=True, rank=rank)
+        model_path, meta_path, optim_path = _paths(ckpt_dir, step, rank)
+        if checkpoint_part(meta, "model_config", meta_path) != asdict(model_config):
             raise ValueError(f"checkpoint in {ckpt_dir} has model_config {meta['model_config']}, this run builds "
                              f"{asdict(model_config)}: resume with the same --depth/--sequence-len and tokenizer")
         if meta.get("world_size", world) != world or meta.get("data_world_size", data_world) != data_world:
             raise ValueError(f"checkpoint was written by {meta.get('world_size')} rank(s) reading as "
                              f"{meta.get('data_world_size')}; resume with the same number of processes")
+        unchecked = check_fingerprints(meta_path, meta.get("fingerprints"), fingerprints, allow)
+        if unchecked:
+            say(f"note: {meta_path} records no fingerprint of the {' and '.join(unchecked)} (an older checkpoint): "
+                "not checked")
+        val_bpb = meta.get("val_bpb")
+        if step > num_iterations:
+            raise ValueError(f"{meta_path} is at step {step}, past --num-iterations {num_iterations}, so the run "
+                             f"would never end; fix: --num-iterations {step} or more, or --overwrite to start over")
+        loop = checkpoint_part(meta, "loop_state", meta_path)
+        data_states = checkpoint_part(meta, "dataloader_state", meta_path, list)[rank]
+        _check_state(model.state_dict(), model_state, model_path)
         model.load_state_dict(model_state, strict=True)
-        for opt, state in zip(optimizers, optim_state["optimizers"]):
-            opt.load_state_dict(state)
-        step, loop, val_bpb = meta["step"], meta["loop_state"], meta.get("val_bpb")
-        data_states = meta["dataloader_state"][rank]
+        optim_states = checkpoint_part(optim_state, "optimizers", optim_path, list)
+        try:
+            if len(optim_states) != len(optimizers):
+                raise ValueError(f"it holds {len(optim_states)} optimizer states, this run has {len(optimizers)}")
+            for opt, state in zip(optimizers, optim_states):
+                opt.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{optim_path} does not fit this run's optimizers ({type(e).__name__}: {e}); "
+                                  "fix: resume from another step, or start over with --overwrite") from e
+        if meta.get("num_iterations", num_iterations) != num_iterations:
+            say(f"note: the checkpoint was trained toward {meta['num_iterations']} steps; the learning-rate "
+                f"schedule now aims at {num_iterations}")
         say(f"resumed from step {step} ({ckpt_dir})")
+        if step == num_iterations:
+            say(f"the run already reached step {step} of {num_iterations}: nothing to train (raise "
+                "--num-iterations to train on)")
+            cleanup_distributed()
+            return dict(step=step, val_bpb=val_bpb, min_val_bpb=loop.get("min_val_bpb"), num_params=num_params,
+                        total_training_time=loop.get("total_training_time"),
+                        final_loss=loop.get("smooth_train_loss"), checkpoint_dir=str(ckpt_dir))
     elif resume:
         say(f"nothing to resume in {ckpt_dir}: starting from scratch")
 
@@ -407,9 +594,16 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
         return DataLoader(tokenizer, data_dir, B, T, split=split, rank=r, world_size=data_world,
                           device=device, packing=config.packing, state=state)
 
-    batches = RankedBatches(make_loader, rank, world, data_world, data_states)
-    metrics = MetricsLog(run_dir / "metrics" / "pretrain.jsonl", resume_step=step if resume else None,
-                         enabled=master)
+    try:
+        batches = RankedBatches(make_loader, rank, world, data_world, data_states)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        if data_states is None:
+            raise
+        raise CheckpointError(f"{meta_path}: its dataloader_state does not fit this run ({type(e).__name__}: {e}); "
+                              "fix: resume with the settings it was saved with, or start over with --overwrite") from e
+    if overwrite and master:
+        say(f"--overwrite: deleted {clear_checkpoints(ckpt_dir)} checkpoint file(s) and the metrics of the earlier run")
+    metrics = MetricsLog(metrics_path, resume_step=step if resume else None, enabled=master, log=say)
     peak = peak_flops(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     eval_steps = max(1, config.eval_tokens // (B * T * data_world))   # per virtual rank
 
@@ -447,6 +641,7 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
                 say(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
             model.train()
         if step > resume_step and (last or due(config.save_every)):
+            check_finite(step, ckpt_dir, val_bpb=val_bpb, weights=model)  # never save a NaN over a good checkpoint
             all_states = [None] * world
             mine = batches.state_dict()
             if world > 1:
@@ -456,10 +651,12 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
             meta = dict(step=step, val_bpb=val_bpb, model_config=asdict(model_config), user_config=asdict(config),
                         device_batch_size=B, max_seq_len=T, total_batch_size=total_batch,
                         num_iterations=num_iterations, world_size=world, data_world_size=data_world,
-                        dataloader_state=all_states, loop_state=loop)
+                        dataloader_state=all_states, loop_state=loop, fingerprints=fingerprints)
             save_checkpoint(ckpt_dir, step, model.state_dict(), {"optimizers": [o.state_dict() for o in optimizers]},
                             meta, rank=rank, barrier=dist.barrier if world > 1 else None)
             say(f"saved checkpoint {ckpt_dir}/model_{step:06d}.pt")
+            if master and config.keep_checkpoints > 0:
+                prune_checkpoints(ckpt_dir, config.keep_checkpoints, remove_temps=False)
         if last:
             if len(record) > 1:
                 metrics.write(record | {"elapsed": loop["total_training_time"]})
@@ -478,6 +675,10 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
             batches.consumed(token)
             x, y, token = next(batches)   # prefetch while the GPU works
         grad_norm = clip_gradients(model, config.grad_clip) if config.grad_clip > 0 else None
+        if world > 1:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss = train_loss.item() / accum
+        check_finite(step, ckpt_dir, loss=train_loss, grad_norm=grad_norm)  # the same on every rank: all stop
         lrm = lr_multiplier(step, num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -487,9 +688,6 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        train_loss = train_loss.item() / accum
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -583,7 +781,7 @@ print(tok_stats, data_stats, sep="\n")
 config = make_config("micro", num_iterations=num_iterations, eval_every=5, sample_every=-1, save_every=-1,
                       eval_tokens=4 * 4096)
 chart = LiveLossChart(every=5)
-summary = pretrain(run_dir, config, on_step=chart)
+summary = pretrain(run_dir, config, on_step=chart, overwrite=True)  # overwrite: the chapter's own scratch run
 chart.draw()
 summary
 
@@ -620,6 +818,38 @@ assert len(records) == num_iterations + 1 and bpbs[-1] < bpbs[0] - 0.5
 # was never interrupted.
 
 # %% [markdown]
+# ## Going further: a run that cannot be broken
+#
+# Surviving `kill -9` is half of it; the other half is the user. `pretrain` puts the shared pieces of the checkpoint
+# chapter around the loop, in this order, so that a mistake costs one line and nothing else:
+#
+# 1. `validate_config`: every setting, before any file is touched;
+# 2. `check_run_dir` and `RunLock`: the run directory is usable, this process alone writes its `base` stage (a second
+#    `pretrain`, or a `data prepare` under a running one, is refused with the holder's pid), and temp files of
+#    killed saves are swept;
+# 3. `check_stage_empty`: without `--resume`, an earlier run is never silently mixed in (`--overwrite` clears it);
+# 4. on `--resume`: the checkpoint's parts are checked (`checkpoint_part`), its step must not be past
+#    `--num-iterations`, and its `fingerprints` must match the tokenizer and data of the run directory
+#    (`--allow-data-change`, `--allow-tokenizer-change` to go on anyway);
+# 5. in the loop: `check_finite` on the loss and gradient norm of every step and on the weights before every save,
+#    and `prune_checkpoints` after each save, keeping `--keep-checkpoints` (default 2).
+#
+# Here are two of them on the run above: a fresh start over it, and a resume that asks for fewer steps than it has.
+# `tests/test_robust_*.py` meets every one of these as a user would, through the command line.
+
+# %%
+from nanochat_nb.checkpoint import RunDirError
+
+for attempt in (lambda: pretrain(run_dir, config),
+                lambda: pretrain(run_dir, replace(config, num_iterations=num_iterations // 2), resume=True)):
+    try:
+        attempt()
+    except (RunDirError, ValueError) as e:
+        print(e, end="\n\n")
+    else:
+        raise AssertionError("expected a refusal")
+
+# %% [markdown]
 # ## At scale
 #
 # On an 8×H100 box the same loop runs nanochat's d20: `--preset d20` sets depth 20 (561M parameters), sequence
@@ -641,7 +871,8 @@ assert len(records) == num_iterations + 1 and bpbs[-1] < bpbs[0] - 0.5
 #
 # We built the base training loop: presets and a flat config, MFU against a measured or datasheet peak, bits per
 # byte, a JSON-lines metrics log, exact gradient clipping across ranks, data read as any number of ranks, and
-# checkpoints that resume exactly.
+# checkpoints that resume exactly; around it, settings checked before anything is touched, a run directory that one
+# process owns, and no NaN ever saved.
 #
 # 1. Train the `micro` preset with `--dtype bf16` and compare the loss curve and tokens/s with fp32.
 # 2. Turn `warmdown_ratio` to 0 and then to 0.5: how does the final validation bpb move?

@@ -31,7 +31,8 @@ def test_tokenizer_train_then_eval(tmp_path):
     run = tmp_path / "run"
     r = cli("tokenizer", "train", "--vocab-size", 1024, "--max-chars", 3_000_000, "--run-dir", run)
     assert r.returncode == 0, r.stderr
-    assert (run / "tokenizer" / "tokenizer.pkl").exists() and (run / "tokenizer" / "token_bytes.pt").exists()
+    for name in ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.pt"):
+        assert (run / "tokenizer" / name).exists()
     r = cli("tokenizer", "eval", "--run-dir", run)
     assert r.returncode == 0, r.stderr
     assert "Ours Ratio" in r.stdout and "| python |" in r.stdout and "| stdlib-val |" in r.stdout

@@ -212,7 +212,8 @@ def test_render_for_completion(tok):
 
 def test_save_load_roundtrip(tok, texts, tmp_path):
     directory = tok.save(tmp_path / "tokenizer")
-    assert sorted(p.name for p in directory.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]  # no temp files left
+    # no temp files left, and no pickle: text, JSON and a tensor file
+    assert sorted(p.name for p in directory.iterdir()) == ["token_bytes.pt", "tokenizer.json", "tokenizer.tiktoken"]
     loaded = Tokenizer.load(directory)
     assert loaded.vocab_size == tok.vocab_size and loaded.bos_id == tok.bos_id
     for text in texts[:20] + ["<|bos|> 한국어 🙂"]:

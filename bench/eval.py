@@ -1,0 +1,104 @@
+"""Evaluation speed: categorical questions, CORE items and generative problems per second, plain and batched.
+
+    python bench/eval.py                          # depth 4, vocab 4096 (the `micro` preset's model), fp32, CPU
+    python bench/eval.py --depth 20 --vocab-size 65536 --device cuda
+
+The model has random weights (speed does not depend on what they say), with the stop tokens' output rows zeroed so
+that no reply ends early: a generative problem always costs --max-tokens tokens (the worst case, a model that never
+stops; a trained one that stops at its answer is faster). Categorical questions are ARC-Easy-shaped (four choices,
+read from a local copy of the hub layout through `datasets`); CORE items are the demo bundle's. Each setting runs
+once after a warm-up. The last line is one JSON object.
+"""
+import argparse, json, sys, tempfile, time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import bench_model  # noqa: E402  (the same random-weight model as the decode benchmark)
+
+from nanochat_nb.eval import (demo_core_tasks, evaluate_chat_task, load_core_tasks, predict_letter,  # noqa: E402
+                              predict_letters, score_item, score_items, write_core_bundle)
+from nanochat_nb.tasks import load_task  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depth", type=int, default=4, help="model depth (%(default)s)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="%(default)s")
+    p.add_argument("--questions", type=int, default=64, help="categorical questions (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (%(default)s)")
+    p.add_argument("--core-copies", type=int, default=4, help="copies of the demo bundle's items (%(default)s)")
+    p.add_argument("--problems", type=int, default=8, help="generative problems (%(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per generative reply (%(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    return p.parse_args(argv)
+
+
+def arc_questions(root, n):
+    "An ARC-Easy test split of n four-choice questions in the hub's layout under root; the data_root to pass."
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()),
+                        ("choices", pa.struct([("text", pa.list_(pa.string())), ("label", pa.list_(pa.string()))])),
+                        ("answerKey", pa.string())])
+    rows = [{"id": f"q{i}", "question": f"Which of these numbers is {i} more than {i * 7 % 50}?",
+             "choices": {"text": [str(i * 7 % 50 + i + d) for d in (0, 1, -1, 10)], "label": list("ABCD")},
+             "answerKey": "A"} for i in range(n)]
+    path = Path(root) / "allenai/ai2_arc/ARC-Easy/test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return Path(root)
+
+
+def rate(n, fn):
+    "Items per second of fn(), which handles n items; one warm-up call first."
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return round(n / (time.perf_counter() - t0), 1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = bench_model(args.depth, args.vocab_size, device)
+    out = {"device": str(device), "threads": torch.get_num_threads(), "depth": args.depth,
+           "vocab_size": args.vocab_size, "params": model.num_params()}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+
+    arc = list(load_task("arc-easy", "test", arc_questions(tmp / "hub", args.questions)))
+    out["categorical_plain_q_s"] = rate(len(arc), lambda: [predict_letter(model, tokenizer, c) for c in arc])
+    out["categorical_batched_q_s"] = rate(len(arc), lambda: predict_letters(model, tokenizer, arc, args.batch_size))
+    print(f"categorical, one question per forward:  {out['categorical_plain_q_s']:>8,.1f} questions/s")
+    print(f"categorical, {args.batch_size} per forward:          {out['categorical_batched_q_s']:>8,.1f} questions/s")
+
+    specs = demo_core_tasks()
+    for spec in specs:
+        spec["items"] = spec["items"] * args.core_copies
+    tasks = load_core_tasks(write_core_bundle(tmp / "core", specs))
+    n = sum(len(t.items) for t in tasks)
+    out["core_plain_items_s"] = rate(n, lambda: [score_item(model, tokenizer, t, i) for t in tasks
+                                                 for i in range(len(t.items))])
+    out["core_batched_items_s"] = rate(n, lambda: [score_items(model, tokenizer, t, range(len(t.items)))
+                                                   for t in tasks])
+    print(f"CORE, one item per forward:             {out['core_plain_items_s']:>8,.1f} items/s")
+    print(f"CORE, batched (8,192 tokens per pass):  {out['core_batched_items_s']:>8,.1f} items/s")
+
+    task = load_task("arithmetic")
+    t0 = time.perf_counter()
+    result = evaluate_chat_task(model, tokenizer, task, max_problems=args.problems, max_tokens=args.max_tokens)
+    dt = time.perf_counter() - t0
+    out["generative_problems_s"] = round(result["n"] / dt, 2)
+    out["generative_tok_s"] = round(result["n"] * args.max_tokens / dt, 1)
+    print(f"generative, {args.max_tokens} tokens per reply:      {out['generative_problems_s']:>8,.2f} problems/s "
+          f"({out['generative_tok_s']:,.0f} tokens/s)")
+
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
