@@ -39,7 +39,7 @@
 
 # %%
 #| export
-import ast, operator, time
+import ast, operator, tempfile, time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,17 +54,13 @@ from nanochat_nb.tokenizer import Tokenizer
 
 # %%
 #| hide
-import subprocess, sys, tempfile
 from collections import Counter
 
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_fail
 from IPython.display import Markdown, display
 
-from nanochat_nb.data import prepare_data
 from nanochat_nb.model import GPTConfig, build_model
-from nanochat_nb.pretrain import make_config, pretrain
-from nanochat_nb.tokenizer import train_tokenizer
 
 # %% [markdown]
 # ## A model to talk to
@@ -78,13 +74,29 @@ from nanochat_nb.tokenizer import train_tokenizer
 run_dir = None  # a run directory with a base checkpoint; None trains a tiny model here
 demo_steps = 60
 
+
+# %% [markdown]
+# The recipe is a function, because the chat chapters (08) and anyone who wants a model to try something on need it
+# too:
+
 # %%
-if run_dir is None:
-    run_dir = Path(tempfile.mkdtemp(prefix="engine_demo_"))
+#| export
+def demo_run(run_dir=None, steps=60):
+    "A run directory (a new temporary one by default) with a tiny base model trained in ~20 s on a CPU."
+    from nanochat_nb.data import prepare_data  # here, not at the top: generating needs none of the training code
+    from nanochat_nb.pretrain import make_config, pretrain
+    from nanochat_nb.tokenizer import train_tokenizer
+    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="nanochat_demo_"))
     train_tokenizer(run_dir, vocab_size=2048, max_chars=3_000_000)
     prepare_data(run_dir, max_docs=300)
-    pretrain(run_dir, make_config("micro", depth=2, sequence_len=128, num_iterations=demo_steps, eval_every=-1,
+    pretrain(run_dir, make_config("micro", depth=2, sequence_len=128, num_iterations=steps, eval_every=-1,
                                   sample_every=-1, save_every=-1, total_batch_size=1024), log=lambda *a: None)
+    return run_dir
+
+
+# %%
+if run_dir is None:
+    run_dir = demo_run(steps=demo_steps)
 model, meta = load_model(run_dir, "base")
 model.eval()
 tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer")

@@ -38,17 +38,14 @@
 
 # %%
 #| export
-import html, random, re, sys, tempfile, threading, time
+import html, random, re, sys, threading, time
 from pathlib import Path
 
 import ipywidgets as W
 from fastcore.basics import patch
 
 from nanochat_nb.checkpoint import STAGES, checkpoint_dir, latest_step
-from nanochat_nb.data import prepare_data
-from nanochat_nb.engine import Engine, _check_sampling, load_for_inference
-from nanochat_nb.pretrain import make_config, pretrain
-from nanochat_nb.tokenizer import train_tokenizer
+from nanochat_nb.engine import Engine, _check_sampling, demo_run, load_for_inference
 
 # %%
 #| hide
@@ -68,24 +65,7 @@ from nanochat_nb.engine import ScriptedModel
 # through the same `load_for_inference` and answer properly. Everything in this chapter works the same with either.
 
 # %%
-run_dir = None  # a run directory with a checkpoint; None trains a tiny model here
-
-
-# %% [markdown]
-# The tiny model is chapter 07's recipe, kept as a function because the next chapter (and anyone who wants a model to
-# try a chat surface on) needs it too:
-
-# %%
-#| export
-def demo_run(run_dir=None, steps=60):
-    "A run directory (a new temporary one by default) with a tiny base model trained in ~20 s on a CPU."
-    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="nanochat_demo_"))
-    train_tokenizer(run_dir, vocab_size=2048, max_chars=3_000_000)
-    prepare_data(run_dir, max_docs=300)
-    pretrain(run_dir, make_config("micro", depth=2, sequence_len=128, num_iterations=steps, eval_every=-1,
-                                  sample_every=-1, save_every=-1, total_batch_size=1024), log=lambda *a: None)
-    return run_dir
-
+run_dir = None  # a run directory with a checkpoint; None trains a tiny model here (chapter 07's `demo_run`)
 
 # %%
 if run_dir is None:

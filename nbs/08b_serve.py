@@ -58,13 +58,13 @@ import shutil, urllib.error, urllib.request
 from fastcore.test import test_eq
 from IPython.display import Image, display
 
-from nanochat_nb.chat import demo_run
+from nanochat_nb.engine import demo_run
 
 # %% [markdown]
 # ## A model to serve
 #
 # The same choice as in chapters 07 and 08: a finished run (`"../runs/speedrun"`), or a tiny model trained here in
-# about twenty seconds by chapter 08's `demo_run`.
+# about twenty seconds by chapter 07's `demo_run`.
 
 # %%
 run_dir = None  # a run directory with a checkpoint; None trains a tiny model here
