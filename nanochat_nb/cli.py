@@ -73,6 +73,18 @@ def _pretrain(args):
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+def _chat_stage(args):
+    "midtrain or sft: the stage's presets and settings from chapters 11 and 12."
+    import importlib
+    from nanochat_nb.midtrain import ChatTrainConfig, make_chat_config
+    module = importlib.import_module(f"nanochat_nb.{args.command}")
+    overrides = {f.name: getattr(args, f.name) for f in fields(ChatTrainConfig) if getattr(args, f.name) is not None}
+    train = getattr(module, args.command)
+    summary = train(args.run_dir, make_chat_config(module.PRESETS, args.preset, **overrides), resume=args.resume,
+                    overwrite=args.overwrite)
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
 def _chat(args):
     from nanochat_nb.chat import chat_cli
     chat_cli(args.run_dir, args.stage, args.step, args.prompt, args.temperature, args.top_k, args.max_tokens,
@@ -168,6 +180,16 @@ def build_parser():
                    "from the one the checkpoint was trained on")
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_pretrain)
+
+    from nanochat_nb.midtrain import ChatTrainConfig
+    for name, chapter in (("midtrain", 11), ("sft", 12)):
+        p = stages.add_parser(name, parents=[common], help=f"{name} from the previous stage (chapter {chapter}); "
+                              "works under torchrun")
+        p.add_argument("--preset", choices=["micro", "d20", "d26"], default=None, help="a starting point")
+        p.add_argument("--resume", action="store_true", help=f"continue from the latest {name} checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="delete this stage's checkpoints and metrics first")
+        _add_config_options(p, ChatTrainConfig)
+        p.set_defaults(func=_chat_stage)
 
     p = stages.add_parser("chat", parents=[common], help="chat with the model in the terminal (chapter 08)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")

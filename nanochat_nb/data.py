@@ -8,8 +8,8 @@ Docs: https://nanochat-nb.github.io/nanochat-nb/data.html.md"""
 # %% auto #0
 __all__ = ['FINEWEB_BASE_URL', 'FINEWEB_NUM_SHARDS', 'MAX_DOC_CHARS', 'TOKENIZE_BATCH_CHARS', 'shard_name', 'write_shards',
            'iter_folder_documents', 'split_document', 'prepare_data', 'list_shards', 'shard_metadata',
-           'describe_shards', 'shards_fingerprint', 'download_shards', 'download_data', 'read_row_group',
-           'rank_documents', 'best_fit_rows', 'BestFitBuffer', 'DataLoader']
+           'describe_shards', 'shards_fingerprint', 'read_row_group', 'rank_documents', 'best_fit_rows',
+           'BestFitBuffer', 'DataLoader', 'download_shards', 'download_data']
 
 # %% ../nbs/04_data.ipynb #bb9b3675
 import bisect
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .common import atomic_write
 from .tokenizer import stdlib_documents
 
 # %% ../nbs/04_data.ipynb #b1729564
@@ -42,16 +43,10 @@ def shard_name(index):
 
 # %% ../nbs/04_data.ipynb #e09f53c1
 def _write_shard(path, docs, docs_per_row_group):
-    "Write one shard atomically: a temp file, renamed into place only once it is complete."
-    tmp = path.with_name(path.name + ".tmp")
+    "Write one shard atomically (`atomic_write`: temp file, fsync, rename) once it is complete."
     table = pa.table({"text": pa.array(docs, type=pa.string())})
-    try:
-        pq.write_table(table, tmp, row_group_size=docs_per_row_group, compression="zstd", compression_level=3,
-                       use_dictionary=False, write_statistics=False)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # a full disk names the shard it refused
+    atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=docs_per_row_group, compression="zstd",
+                                                compression_level=3, use_dictionary=False, write_statistics=False))
     return path
 
 # %% ../nbs/04_data.ipynb #8b2cd5b8
@@ -239,73 +234,6 @@ def shards_fingerprint(data_dir):
     for path in list_shards(data_dir):
         h.update(f"{path.name}\n".encode() + _shard_digest(path))
     return h.hexdigest()[:16]
-
-# %% ../nbs/04_data.ipynb #94764076
-def _fetch(url, dest, timeout):
-    "Stream `url` to a temp file beside `dest`, check that it is whole, then rename it into place."
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            expected, got = r.headers.get("Content-Length"), 0
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                got += len(chunk)
-        if expected is not None and got != int(expected):
-            raise IOError(f"truncated body: got {got} of {expected} bytes")
-        pq.read_metadata(tmp)  # the footer is the last thing in the file: a cut-off download fails here
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-# %% ../nbs/04_data.ipynb #8369b316
-def download_shards(num_shards, data_dir, base_url=FINEWEB_BASE_URL, workers=4, max_attempts=5, timeout=30,
-                    backoff=2.0, last_index=FINEWEB_NUM_SHARDS - 1, verbose=False):
-    "Download shards 0..num_shards-1 plus the validation shard `last_index`, in parallel, with retries."
-    if not 0 < num_shards <= last_index:
-        raise ValueError(f"num_shards must be in 1..{last_index} (validation shard {last_index} comes on top), "
-                         f"got {num_shards}")
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    indices = list(range(num_shards)) + [last_index]
-
-    def get(index):
-        dest, error = data_dir / shard_name(index), None
-        if dest.exists():
-            try:
-                pq.read_metadata(dest)
-                return index, None  # complete: files only ever get their final name once checked
-            except Exception:
-                dest.unlink()  # not ours, or damaged later: fetch it again
-        for attempt in range(1, max_attempts + 1):
-            try:
-                _fetch(f"{base_url.rstrip('/')}/{dest.name}", dest, timeout)
-                if verbose:
-                    print(f"{dest.name}: {dest.stat().st_size / 1e6:.1f} MB", flush=True)
-                return index, None
-            except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-                if attempt < max_attempts:
-                    time.sleep(backoff ** attempt)
-        return index, error
-
-    with ThreadPoolExecutor(workers) as pool:  # threads suffice: the work is waiting on the network
-        failed = [(i, err) for i, err in pool.map(get, indices) if err]
-    if failed:
-        lines = "\n".join(f"  {shard_name(i)}: {err}" for i, err in failed)
-        raise RuntimeError(f"{len(failed)} shard(s) failed after {max_attempts} attempts each "
-                           f"(re-run to fetch only the missing ones):\n{lines}")
-    return [data_dir / shard_name(i) for i in indices]
-
-# %% ../nbs/04_data.ipynb #1b04b5cb
-def download_data(run_dir, num_shards, **kwargs):
-    "Download FineWeb-edu shards into `run_dir/data`; return printable stats (the CLI's `data download`)."
-    data_dir = Path(run_dir) / "data"
-    t0 = time.time()
-    before = {p.name for p in data_dir.glob("shard_*.parquet")} if data_dir.is_dir() else set()
-    paths = download_shards(num_shards, data_dir, **kwargs)
-    return {"data_dir": str(data_dir), "train_shards": num_shards, "val_shard": paths[-1].name,
-            "downloaded": sum(p.name not in before for p in paths), "skipped": sum(p.name in before for p in paths),
-            "GB": round(sum(p.stat().st_size for p in paths) / 1e9, 3), "seconds": round(time.time() - t0, 1)}
 
 # %% ../nbs/04_data.ipynb #7d7f61e9
 def read_row_group(path, row_group):
@@ -536,3 +464,70 @@ class DataLoader:
             inputs = inputs.pin_memory().to(self.device, non_blocking=True)
             targets = targets.pin_memory().to(self.device, non_blocking=True)
         return inputs, targets, self.state_dict()
+
+# %% ../nbs/04_data.ipynb #94764076
+def _fetch(url, dest, timeout):
+    "Stream `url` to a temp file beside `dest`, check that it is whole, then rename it into place."
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            expected, got = r.headers.get("Content-Length"), 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+        if expected is not None and got != int(expected):
+            raise IOError(f"truncated body: got {got} of {expected} bytes")
+        pq.read_metadata(tmp)  # the footer is the last thing in the file: a cut-off download fails here
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+# %% ../nbs/04_data.ipynb #8369b316
+def download_shards(num_shards, data_dir, base_url=FINEWEB_BASE_URL, workers=4, max_attempts=5, timeout=30,
+                    backoff=2.0, last_index=FINEWEB_NUM_SHARDS - 1, verbose=False):
+    "Download shards 0..num_shards-1 plus the validation shard `last_index`, in parallel, with retries."
+    if not 0 < num_shards <= last_index:
+        raise ValueError(f"num_shards must be in 1..{last_index} (validation shard {last_index} comes on top), "
+                         f"got {num_shards}")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    indices = list(range(num_shards)) + [last_index]
+
+    def get(index):
+        dest, error = data_dir / shard_name(index), None
+        if dest.exists():
+            try:
+                pq.read_metadata(dest)
+                return index, None  # complete: files only ever get their final name once checked
+            except Exception:
+                dest.unlink()  # not ours, or damaged later: fetch it again
+        for attempt in range(1, max_attempts + 1):
+            try:
+                _fetch(f"{base_url.rstrip('/')}/{dest.name}", dest, timeout)
+                if verbose:
+                    print(f"{dest.name}: {dest.stat().st_size / 1e6:.1f} MB", flush=True)
+                return index, None
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+                if attempt < max_attempts:
+                    time.sleep(backoff ** attempt)
+        return index, error
+
+    with ThreadPoolExecutor(workers) as pool:  # threads suffice: the work is waiting on the network
+        failed = [(i, err) for i, err in pool.map(get, indices) if err]
+    if failed:
+        lines = "\n".join(f"  {shard_name(i)}: {err}" for i, err in failed)
+        raise RuntimeError(f"{len(failed)} shard(s) failed after {max_attempts} attempts each "
+                           f"(re-run to fetch only the missing ones):\n{lines}")
+    return [data_dir / shard_name(i) for i in indices]
+
+# %% ../nbs/04_data.ipynb #1b04b5cb
+def download_data(run_dir, num_shards, **kwargs):
+    "Download FineWeb-edu shards into `run_dir/data`; return printable stats (the CLI's `data download`)."
+    data_dir = Path(run_dir) / "data"
+    t0 = time.time()
+    before = {p.name for p in data_dir.glob("shard_*.parquet")} if data_dir.is_dir() else set()
+    paths = download_shards(num_shards, data_dir, **kwargs)
+    return {"data_dir": str(data_dir), "train_shards": num_shards, "val_shard": paths[-1].name,
+            "downloaded": sum(p.name not in before for p in paths), "skipped": sum(p.name in before for p in paths),
+            "GB": round(sum(p.stat().st_size for p in paths) / 1e9, 3), "seconds": round(time.time() - t0, 1)}

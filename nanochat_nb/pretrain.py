@@ -7,7 +7,8 @@ Docs: https://nanochat-nb.github.io/nanochat-nb/pretrain.html.md"""
 # %% auto #0
 __all__ = ['PRESETS', 'TRAIN_RULES', 'GPU_PEAK_FLOPS', 'SAMPLE_PROMPTS', 'TrainConfig', 'make_config', 'int_rule', 'number_rule',
            'choice_rule', 'check_settings', 'check_device', 'validate_config', 'peak_flops', 'evaluate_bpb',
-           'MetricsError', 'MetricsLog', 'clip_gradients', 'RankedBatches', 'pretrain', 'LiveLossChart']
+           'MetricsError', 'MetricsLog', 'clip_gradients', 'RankedBatches', 'optimizer_step', 'restore_optimizers',
+           'pretrain', 'LiveLossChart']
 
 # %% ../nbs/06_pretrain.ipynb #e628b4e2
 import json, math, os, time
@@ -284,6 +285,37 @@ class RankedBatches:
         "Where every loader stands after the consumed batches (JSON-serialisable)."
         return {"states": list(self.states), "turn": self.next_turn}
 
+# %% ../nbs/06_pretrain.ipynb #af20c6a3
+def optimizer_step(model, optimizers, loss, lrm, momentum, grad_clip=1.0, step=0, ckpt_dir=None):
+    "Clip, check, schedule and step `[adamw, muon]` on the accumulated gradients; returns (mean loss, grad norm)."
+    grad_norm = clip_gradients(model, grad_clip) if grad_clip > 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    loss = loss.item()
+    check_finite(step, ckpt_dir, loss=loss, grad_norm=grad_norm)  # the same on every rank: all stop
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in optimizers[1].param_groups:
+        group["momentum"] = momentum
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def restore_optimizers(optimizers, optim_state, optim_path):
+    "Load a checkpoint's optimizer states (this rank's shards) into `optimizers`, or fail naming the file."
+    optim_states = checkpoint_part(optim_state, "optimizers", optim_path, list)
+    try:
+        if len(optim_states) != len(optimizers):
+            raise ValueError(f"it holds {len(optim_states)} optimizer states, this run has {len(optimizers)}")
+        for opt, state in zip(optimizers, optim_states):
+            opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{optim_path} does not fit this run's optimizers ({type(e).__name__}: {e}); "
+                              "fix: resume from another step, or start over with --overwrite") from e
+
 # %% ../nbs/06_pretrain.ipynb #7b00f268
 def _autocast_factory(device, dtype):
     "A zero-argument context factory for the chosen compute dtype."
@@ -385,15 +417,7 @@ def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
         data_states = checkpoint_part(meta, "dataloader_state", meta_path, list)[rank]
         _check_state(model.state_dict(), model_state, model_path)
         model.load_state_dict(model_state, strict=True)
-        optim_states = checkpoint_part(optim_state, "optimizers", optim_path, list)
-        try:
-            if len(optim_states) != len(optimizers):
-                raise ValueError(f"it holds {len(optim_states)} optimizer states, this run has {len(optimizers)}")
-            for opt, state in zip(optimizers, optim_states):
-                opt.load_state_dict(state)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"{optim_path} does not fit this run's optimizers ({type(e).__name__}: {e}); "
-                                  "fix: resume from another step, or start over with --overwrite") from e
+        restore_optimizers(optimizers, optim_state, optim_path)
         if meta.get("num_iterations", num_iterations) != num_iterations:
             say(f"note: the checkpoint was trained toward {meta['num_iterations']} steps; the learning-rate "
                 f"schedule now aims at {num_iterations}")
@@ -495,20 +519,9 @@ def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
             (loss / accum).backward()
             batches.consumed(token)
             x, y, token = next(batches)   # prefetch while the GPU works
-        grad_norm = clip_gradients(model, config.grad_clip) if config.grad_clip > 0 else None
-        if world > 1:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        train_loss = train_loss.item() / accum
-        check_finite(step, ckpt_dir, loss=train_loss, grad_norm=grad_norm)  # the same on every rank: all stop
         lrm = lr_multiplier(step, num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        train_loss, grad_norm = optimizer_step(model, optimizers, train_loss / accum, lrm, muon_momentum(step),
+                                               config.grad_clip, step, ckpt_dir)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

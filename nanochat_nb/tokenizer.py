@@ -14,6 +14,7 @@ import base64
 import binascii
 import copy
 import hashlib
+import importlib.resources
 import io
 import json
 import os
@@ -30,6 +31,8 @@ import rustbpe
 import tiktoken
 import torch
 from fastcore.basics import patch
+
+from .common import atomic_write
 
 # %% ../nbs/01_tokenizer.ipynb #88095b68
 def stdlib_documents(max_docs: int | None = None) -> Iterator[str]:
@@ -154,7 +157,7 @@ def _check_vocab_size(vocab_size) -> None:
         raise ValueError(f"vocab_size must be an int >= {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special "
                          f"tokens), got {vocab_size!r}")
 
-
+# %% ../nbs/01_tokenizer.ipynb #05bd90a4
 class Tokenizer:
     "Byte-level BPE tokenizer: merges from rustbpe, encoding by tiktoken, plus nanochat's 9 special tokens."
 
@@ -200,86 +203,83 @@ class Tokenizer:
         "Id of `<|bos|>`, which begins every document."
         return self._special_ids["<|bos|>"]
 
-    def encode_special(self, name: str) -> int:
-        "Id of the special token `name`."
-        if name not in self._special_ids:
-            raise ValueError(f"unknown special token {name!r}; the special tokens are {', '.join(SPECIAL_TOKENS)}")
-        return self._special_ids[name]
-
-    def _token_id(self, token: int | str) -> int:
-        "A token given as an id or a special token's name, as an id."
-        if isinstance(token, str):
-            return self.encode_special(token)
-        if isinstance(token, int) and 0 <= token < self.vocab_size:
-            return token
-        raise ValueError(f"prepend/append must be a special token name or an id in [0, {self.vocab_size}), "
-                         f"got {token!r}")
-
-    def _allowed(self, allowed_special) -> set[str]:
-        "The set of special-token names that `encode` may produce from text."
-        if allowed_special is None or allowed_special is False:
-            return set()
-        if allowed_special is True or allowed_special == "all":
-            return set(SPECIAL_TOKENS)
-        names = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
-        unknown = names - set(SPECIAL_TOKENS)
-        if unknown:
-            raise ValueError(f"allowed_special has unknown names {sorted(unknown)}; use True, False or a set of "
-                             f"{', '.join(SPECIAL_TOKENS)}")
-        return names
-
-    def encode(self, text: str | list[str], prepend: int | str | None = None, append: int | str | None = None,
-               num_threads: int = 4, allowed_special=False) -> list[int] | list[list[int]]:
-        "Encode a str to a list of ids, or a list of str to a list of lists (in parallel threads)."
-        allowed = self._allowed(allowed_special)
-        first = None if prepend is None else self._token_id(prepend)
-        last = None if append is None else self._token_id(append)
-        if isinstance(text, str):
-            rows = [self.enc.encode(text, allowed_special=allowed, disallowed_special=()) if allowed
-                    else self.enc.encode_ordinary(text)]
-        elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-            rows = (self.enc.encode_batch(list(text), num_threads=num_threads, allowed_special=allowed,
-                                          disallowed_special=()) if allowed
-                    else self.enc.encode_ordinary_batch(list(text), num_threads=num_threads))
-        else:
-            raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
-        for ids in rows:
-            if first is not None:
-                ids.insert(0, first)
-            if last is not None:
-                ids.append(last)
-        return rows[0] if isinstance(text, str) else rows
-
-    def decode(self, ids) -> str:
-        "Turn ids (a list or a 1-D tensor) back into text."
-        return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
-
-    @property
-    def token_bytes(self) -> torch.Tensor:
-        "int32 tensor, one entry per id: UTF-8 bytes of the token decoded alone (0 for special tokens)."
-        if self._token_bytes is None:
-            specials = set(self._special_ids.values())
-            # a token that is part of a multi-byte character decodes to U+FFFD, which counts 3 bytes
-            sizes = [0 if i in specials else len(self.enc.decode([i]).encode("utf-8")) for i in range(self.vocab_size)]
-            self._token_bytes = torch.tensor(sizes, dtype=torch.int32)
-        return self._token_bytes
-
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
-# %% ../nbs/01_tokenizer.ipynb #1f1c75e5
-def _atomic_write(path: Path, write) -> None:
-    "Call `write(file)` on a temporary file next to `path`, then rename it to `path` in one step."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
-            raise OSError(e.errno, e.strerror, str(path)) from e  # a full disk names the file it refused
-        raise
+# %% ../nbs/01_tokenizer.ipynb #3e22a451
+@patch
+def encode_special(self: Tokenizer, name: str) -> int:
+    "Id of the special token `name`."
+    if name not in self._special_ids:
+        raise ValueError(f"unknown special token {name!r}; the special tokens are {', '.join(SPECIAL_TOKENS)}")
+    return self._special_ids[name]
+
+
+@patch
+def _token_id(self: Tokenizer, token: int | str) -> int:
+    "A token given as an id or a special token's name, as an id."
+    if isinstance(token, str):
+        return self.encode_special(token)
+    if isinstance(token, int) and 0 <= token < self.vocab_size:
+        return token
+    raise ValueError(f"prepend/append must be a special token name or an id in [0, {self.vocab_size}), "
+                     f"got {token!r}")
+
+
+@patch
+def _allowed(self: Tokenizer, allowed_special) -> set[str]:
+    "The set of special-token names that `encode` may produce from text."
+    if allowed_special is None or allowed_special is False:
+        return set()
+    if allowed_special is True or allowed_special == "all":
+        return set(SPECIAL_TOKENS)
+    names = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+    unknown = names - set(SPECIAL_TOKENS)
+    if unknown:
+        raise ValueError(f"allowed_special has unknown names {sorted(unknown)}; use True, False or a set of "
+                         f"{', '.join(SPECIAL_TOKENS)}")
+    return names
+
+# %% ../nbs/01_tokenizer.ipynb #c07e85b1
+@patch
+def encode(self: Tokenizer, text: str | list[str], prepend: int | str | None = None, append: int | str | None = None,
+           num_threads: int = 4, allowed_special=False) -> list[int] | list[list[int]]:
+    "Encode a str to a list of ids, or a list of str to a list of lists (in parallel threads)."
+    allowed = self._allowed(allowed_special)
+    first = None if prepend is None else self._token_id(prepend)
+    last = None if append is None else self._token_id(append)
+    if isinstance(text, str):
+        rows = [self.enc.encode(text, allowed_special=allowed, disallowed_special=()) if allowed
+                else self.enc.encode_ordinary(text)]
+    elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        rows = (self.enc.encode_batch(list(text), num_threads=num_threads, allowed_special=allowed,
+                                      disallowed_special=()) if allowed
+                else self.enc.encode_ordinary_batch(list(text), num_threads=num_threads))
+    else:
+        raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
+    for ids in rows:
+        if first is not None:
+            ids.insert(0, first)
+        if last is not None:
+            ids.append(last)
+    return rows[0] if isinstance(text, str) else rows
+
+
+@patch
+def decode(self: Tokenizer, ids) -> str:
+    "Turn ids (a list or a 1-D tensor) back into text."
+    return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
+
+# %% ../nbs/01_tokenizer.ipynb #8ee0d615
+@patch(as_prop=True)
+def token_bytes(self: Tokenizer) -> torch.Tensor:
+    "int32 tensor, one entry per id: UTF-8 bytes of the token decoded alone (0 for special tokens)."
+    if self._token_bytes is None:
+        specials = set(self._special_ids.values())
+        # a token that is part of a multi-byte character decodes to U+FFFD, which counts 3 bytes
+        sizes = [0 if i in specials else len(self.enc.decode([i]).encode("utf-8")) for i in range(self.vocab_size)]
+        self._token_bytes = torch.tensor(sizes, dtype=torch.int32)
+    return self._token_bytes
 
 # %% ../nbs/01_tokenizer.ipynb #b21d3c91
 def _ranks_text(mergeable_ranks: dict[bytes, int]) -> bytes:
@@ -329,12 +329,12 @@ def save(self: Tokenizer, directory) -> Path:
     ranks = _ranks_text({self.enc.decode_single_token_bytes(i): i for i in range(n)})
     buf = io.BytesIO()
     torch.save(self.token_bytes, buf)
-    _atomic_write(directory / "tokenizer.tiktoken", lambda f: f.write(ranks))
-    _atomic_write(directory / "token_bytes.pt", lambda f: f.write(buf.getvalue()))
+    atomic_write(directory / "tokenizer.tiktoken", lambda f: f.write(ranks))
+    atomic_write(directory / "token_bytes.pt", lambda f: f.write(buf.getvalue()))
     info = {"format": "nanochat-nb tokenizer 1", "vocab_size": self.vocab_size, "pattern": self.enc._pat_str,
             "special_tokens": self._special_ids, "tokenizer.tiktoken sha256": hashlib.sha256(ranks).hexdigest(),
             "fingerprint": self.fingerprint}
-    _atomic_write(directory / "tokenizer.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+    atomic_write(directory / "tokenizer.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     return directory
 
 # %% ../nbs/01_tokenizer.ipynb #c3457475
@@ -547,146 +547,7 @@ def train_tokenizer(run_dir, vocab_size: int = 4096, max_chars: int = 2_000_000_
             "tokenizer_dir": str(directory)}
 
 # %% ../nbs/01_tokenizer.ipynb #823d9feb
-EVAL_TEXTS = {
-"news": """HARBOR CITY - The city council voted 7 to 2 on Tuesday night to approve a $48 million plan to rebuild the
-aging seawall along the eastern waterfront, ending more than three years of debate over how to protect the
-low-lying Marsh Street neighborhood from storm surges.
-
-The plan, which engineers say will raise the wall by roughly four feet and add a series of pumping stations, is
-expected to take five years to complete. Construction is scheduled to begin next spring, pending approval from
-state environmental regulators.
-
-"This is the most important vote I have cast in my time on this council," said council member Dana Whitfield, who
-represents the district. "Every family on Marsh Street has a story about the water coming into their living room.
-Tonight we told them that it will not happen again."
-
-Opponents argued that the cost would fall too heavily on small businesses, which will pay a temporary surcharge on
-commercial property taxes. Local restaurant owner Samuel Ortega told the council that his margins were already thin
-after two difficult winters. "Nobody here is against the seawall," he said. "We are against paying for it alone."
-
-The city's finance director, Priya Raman, said the surcharge would expire once federal matching funds arrive, which
-she expects within three years. The state has already committed $12 million, and the city has applied for an
-additional $20 million from a federal resilience program.
-""",
-"korean": """서울의 봄은 짧지만 아름답다. 3월 말이 되면 여의도와 석촌호수 주변에 벚꽃이 피기 시작하고, 주말마다 많은
-사람들이 꽃구경을 하러 나온다. 아이들은 부모의 손을 잡고 산책을 하고, 대학생들은 돗자리를 펴고 앉아 김밥과
-떡볶이를 나누어 먹는다. 하지만 봄에는 미세먼지가 심한 날도 많아서, 외출하기 전에 공기질 예보를 확인하는 것이
-습관이 되었다. 기상청은 올해 벚꽃이 평년보다 일주일 정도 일찍 필 것이라고 예상했다. 전문가들은 기온이 점점
-오르면서 꽃이 피는 시기가 해마다 빨라지고 있다고 설명한다.
-""",
-"spanish": """La biblioteca municipal de nuestro pueblo abrió sus puertas hace más de cien años, y todavía conserva la
-mayoría de los libros originales. Cada sábado por la mañana, una voluntaria lee cuentos en voz alta para los niños
-del barrio, mientras sus padres toman café en la pequeña terraza del patio. El año pasado, el ayuntamiento decidió
-renovar el edificio: se cambiaron las ventanas, se instaló calefacción nueva y se añadió una sala con ordenadores
-para quienes no tienen conexión a internet en casa. Según la directora, el número de visitantes ha crecido casi un
-cuarenta por ciento desde la reforma. «La gente pensaba que las bibliotecas ya no eran necesarias», dice, «pero aquí
-vienen estudiantes, jubilados y familias enteras.»
-""",
-"python": '''import heapq
-from dataclasses import dataclass, field
-
-
-@dataclass(order=True)
-class Job:
-    priority: int
-    name: str = field(compare=False)
-    retries: int = field(default=0, compare=False)
-
-
-class Scheduler:
-    """Run jobs in priority order, retrying failures a few times."""
-
-    def __init__(self, max_retries: int = 3):
-        self.queue: list[Job] = []
-        self.max_retries = max_retries
-        self.done: list[str] = []
-
-    def submit(self, name: str, priority: int = 10) -> None:
-        heapq.heappush(self.queue, Job(priority, name))
-
-    def run(self, work) -> dict[str, int]:
-        failures = {}
-        while self.queue:
-            job = heapq.heappop(self.queue)
-            try:
-                work(job.name)
-            except RuntimeError as err:
-                failures[job.name] = failures.get(job.name, 0) + 1
-                if job.retries < self.max_retries:
-                    job.retries += 1
-                    heapq.heappush(self.queue, job)
-                else:
-                    print(f"giving up on {job.name}: {err}")
-                continue
-            self.done.append(job.name)
-        return failures
-''',
-"javascript": """const cache = new Map();
-
-async function fetchUser(id, { retries = 2 } = {}) {
-  if (cache.has(id)) return cache.get(id);
-  for (let attempt = 0; attempt <= retries; attempt++) {
-    try {
-      const res = await fetch(`/api/users/${id}`);
-      if (!res.ok) throw new Error(`HTTP ${res.status}`);
-      const user = await res.json();
-      cache.set(id, user);
-      return user;
-    } catch (err) {
-      if (attempt === retries) throw err;
-      await new Promise((r) => setTimeout(r, 250 * 2 ** attempt));
-    }
-  }
-}
-
-document.querySelectorAll("[data-user]").forEach(async (el) => {
-  const user = await fetchUser(el.dataset.user);
-  el.textContent = `${user.firstName} ${user.lastName}`;
-});
-""",
-"numbers": """date,station,temp_c,rain_mm,wind_kmh,pressure_hpa
-2024-01-03,north,4.5,12.0,23,1012.4
-2024-01-04,north,3.1,0.0,31,1015.9
-2024-01-05,north,-1.8,2.6,17,1020.3
-2024-01-03,south,9.7,0.4,12,1011.8
-2024-01-04,south,11.2,0.0,9,1014.6
-2024-01-05,south,8.9,7.3,26,1018.0
-Order #58213 shipped on 2024-03-17 at 14:05 UTC; total $1,249.99 (incl. 8.25% tax).
-Population 1950: 2,536,431,000; 2000: 6,143,494,000; 2023: 8,045,311,000.
-pi = 3.14159265358979; e = 2.71828182845904; sqrt(2) = 1.41421356237310
-""",
-"math": r"""\begin{theorem}[Cross-entropy gradient]
-Let $z \in \mathbb{R}^V$ be logits and $p_i = \frac{e^{z_i}}{\sum_{j=1}^{V} e^{z_j}}$ the softmax. For a target
-class $y$, the loss $\ell(z) = -\log p_y$ satisfies
-\[
-  \frac{\partial \ell}{\partial z_i} = p_i - \mathbb{1}[i = y].
-\]
-\end{theorem}
-\begin{proof}
-Write $\ell(z) = -z_y + \log \sum_{j} e^{z_j}$. The first term contributes $-\mathbb{1}[i=y]$ and the second
-\[
-  \frac{\partial}{\partial z_i} \log \sum_{j} e^{z_j} = \frac{e^{z_i}}{\sum_j e^{z_j}} = p_i .
-\]
-\end{proof}
-The Gaussian integral follows from polar coordinates:
-\begin{align}
-  \left( \int_{-\infty}^{\infty} e^{-x^2} \, dx \right)^2
-    &= \int_{0}^{2\pi} \int_{0}^{\infty} e^{-r^2} r \, dr \, d\theta \\
-    &= 2\pi \cdot \frac{1}{2} = \pi,
-\end{align}
-hence $\int_{-\infty}^{\infty} e^{-x^2}\,dx = \sqrt{\pi}$ and, for $\sigma > 0$,
-$\int_{\mathbb{R}} \frac{1}{\sigma\sqrt{2\pi}} e^{-(x-\mu)^2 / 2\sigma^2} \, dx = 1$.
-""",
-"science": """Tides are caused mainly by the Moon's gravity, which pulls slightly harder on the side of the Earth
-that faces it than on the Earth's centre, and slightly less on the far side. The difference stretches the oceans
-into two bulges, one under the Moon and one opposite it, and as the Earth turns each coastline passes through both
-bulges roughly every 24 hours and 50 minutes. The Sun produces a similar but weaker effect, a little less than half
-as strong. When the Sun and Moon line up, at new and full moon, their effects add and we get spring tides with a
-large range; at the quarter moons they partly cancel and the range is smaller. The shape of coastlines and the depth
-of the sea floor amplify or damp these bulges, which is why the Bay of Fundy sees tides of more than 15 metres
-while parts of the Mediterranean barely notice them.
-""",
-}
+EVAL_TEXTS = json.loads((importlib.resources.files("nanochat_nb") / "eval_texts.json").read_text(encoding="utf-8"))
 
 # %% ../nbs/01_tokenizer.ipynb #7c74d8d0
 def eval_texts(heldout_chars: int = 1_000_000) -> dict[str, str]:

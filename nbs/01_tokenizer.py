@@ -41,6 +41,7 @@ import base64
 import binascii
 import copy
 import hashlib
+import importlib.resources
 import io
 import json
 import os
@@ -58,12 +59,15 @@ import tiktoken
 import torch
 from fastcore.basics import patch
 
+from nanochat_nb.common import atomic_write
+
 # %%
 #| hide
 import shutil
 
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_fail
+from IPython.display import Markdown, display
 from matplotlib.patches import Rectangle
 
 
@@ -294,6 +298,7 @@ print(f"{len(sentence.encode('utf-8'))} bytes -> {len(ids)} tokens")
 # out in pieces of one to three bytes.
 
 # %%
+#| fig-alt: "A sentence cut by the split pattern into chunks, then each chunk into tokens, drawn as coloured boxes."
 def show_spans(rows, width=96, title=None):
     "Draw rows of (text, colour) pieces as boxes that flow left to right and wrap, one block per row label."
     fontsize = 11 * 72 / (0.602 * width)  # DejaVu Sans Mono: each character is 0.602 em wide
@@ -411,6 +416,8 @@ def _check_vocab_size(vocab_size) -> None:
                          f"tokens), got {vocab_size!r}")
 
 
+# %%
+#| export
 class Tokenizer:
     "Byte-level BPE tokenizer: merges from rustbpe, encoding by tiktoken, plus nanochat's 9 special tokens."
 
@@ -456,84 +463,105 @@ class Tokenizer:
         "Id of `<|bos|>`, which begins every document."
         return self._special_ids["<|bos|>"]
 
-    def encode_special(self, name: str) -> int:
-        "Id of the special token `name`."
-        if name not in self._special_ids:
-            raise ValueError(f"unknown special token {name!r}; the special tokens are {', '.join(SPECIAL_TOKENS)}")
-        return self._special_ids[name]
-
-    def _token_id(self, token: int | str) -> int:
-        "A token given as an id or a special token's name, as an id."
-        if isinstance(token, str):
-            return self.encode_special(token)
-        if isinstance(token, int) and 0 <= token < self.vocab_size:
-            return token
-        raise ValueError(f"prepend/append must be a special token name or an id in [0, {self.vocab_size}), "
-                         f"got {token!r}")
-
-    def _allowed(self, allowed_special) -> set[str]:
-        "The set of special-token names that `encode` may produce from text."
-        if allowed_special is None or allowed_special is False:
-            return set()
-        if allowed_special is True or allowed_special == "all":
-            return set(SPECIAL_TOKENS)
-        names = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
-        unknown = names - set(SPECIAL_TOKENS)
-        if unknown:
-            raise ValueError(f"allowed_special has unknown names {sorted(unknown)}; use True, False or a set of "
-                             f"{', '.join(SPECIAL_TOKENS)}")
-        return names
-
-    def encode(self, text: str | list[str], prepend: int | str | None = None, append: int | str | None = None,
-               num_threads: int = 4, allowed_special=False) -> list[int] | list[list[int]]:
-        "Encode a str to a list of ids, or a list of str to a list of lists (in parallel threads)."
-        allowed = self._allowed(allowed_special)
-        first = None if prepend is None else self._token_id(prepend)
-        last = None if append is None else self._token_id(append)
-        if isinstance(text, str):
-            rows = [self.enc.encode(text, allowed_special=allowed, disallowed_special=()) if allowed
-                    else self.enc.encode_ordinary(text)]
-        elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-            rows = (self.enc.encode_batch(list(text), num_threads=num_threads, allowed_special=allowed,
-                                          disallowed_special=()) if allowed
-                    else self.enc.encode_ordinary_batch(list(text), num_threads=num_threads))
-        else:
-            raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
-        for ids in rows:
-            if first is not None:
-                ids.insert(0, first)
-            if last is not None:
-                ids.append(last)
-        return rows[0] if isinstance(text, str) else rows
-
-    def decode(self, ids) -> str:
-        "Turn ids (a list or a 1-D tensor) back into text."
-        return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
-
-    @property
-    def token_bytes(self) -> torch.Tensor:
-        "int32 tensor, one entry per id: UTF-8 bytes of the token decoded alone (0 for special tokens)."
-        if self._token_bytes is None:
-            specials = set(self._special_ids.values())
-            # a token that is part of a multi-byte character decodes to U+FFFD, which counts 3 bytes
-            sizes = [0 if i in specials else len(self.enc.decode([i]).encode("utf-8")) for i in range(self.vocab_size)]
-            self._token_bytes = torch.tensor(sizes, dtype=torch.int32)
-        return self._token_bytes
-
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
 
 # %% [markdown]
 # We train one at vocabulary 512 on the same sample and check that the ids are the ones our pure-Python trainer
-# assigned, that the special tokens sit at the end, and that text round-trips.
+# assigned and that the special tokens sit at the end.
 
 # %%
 tok = Tokenizer.train(sample, vocab_size=512 + 9)
 test_eq({tok.enc.decode_single_token_bytes(i): i for i in range(512)}, python_ranks)
-test_eq(tok.vocab_size, 521)
-test_eq(tok.bos_id, 512)
+test_eq((tok.vocab_size, tok.bos_id), (521, 512))
+test_fail(lambda: Tokenizer.train(sample, vocab_size=264), contains=">= 265")
+tok
+
+
+# %% [markdown]
+# Special tokens are asked for by name. `prepend`/`append` (below) accept a name or an id, and `allowed_special` says
+# which names `encode` may turn into real special tokens when they appear in text; a typo gets the list of names.
+
+# %%
+#| export
+@patch
+def encode_special(self: Tokenizer, name: str) -> int:
+    "Id of the special token `name`."
+    if name not in self._special_ids:
+        raise ValueError(f"unknown special token {name!r}; the special tokens are {', '.join(SPECIAL_TOKENS)}")
+    return self._special_ids[name]
+
+
+@patch
+def _token_id(self: Tokenizer, token: int | str) -> int:
+    "A token given as an id or a special token's name, as an id."
+    if isinstance(token, str):
+        return self.encode_special(token)
+    if isinstance(token, int) and 0 <= token < self.vocab_size:
+        return token
+    raise ValueError(f"prepend/append must be a special token name or an id in [0, {self.vocab_size}), "
+                     f"got {token!r}")
+
+
+@patch
+def _allowed(self: Tokenizer, allowed_special) -> set[str]:
+    "The set of special-token names that `encode` may produce from text."
+    if allowed_special is None or allowed_special is False:
+        return set()
+    if allowed_special is True or allowed_special == "all":
+        return set(SPECIAL_TOKENS)
+    names = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+    unknown = names - set(SPECIAL_TOKENS)
+    if unknown:
+        raise ValueError(f"allowed_special has unknown names {sorted(unknown)}; use True, False or a set of "
+                         f"{', '.join(SPECIAL_TOKENS)}")
+    return names
+
+
+# %%
 test_eq([tok.encode_special(s) for s in tok.special_tokens], list(range(512, 521)))
+test_eq(tok._allowed(True), set(SPECIAL_TOKENS))
+test_fail(lambda: tok.encode_special("<|eos|>"), contains="<|assistant_end|>")
+
+
+# %% [markdown]
+# Now `encode` and `decode`. A string gives a list of ids, a list of strings a list of lists, encoded in tiktoken's
+# threads; text that looks like a special token stays text unless allowed.
+
+# %%
+#| export
+@patch
+def encode(self: Tokenizer, text: str | list[str], prepend: int | str | None = None, append: int | str | None = None,
+           num_threads: int = 4, allowed_special=False) -> list[int] | list[list[int]]:
+    "Encode a str to a list of ids, or a list of str to a list of lists (in parallel threads)."
+    allowed = self._allowed(allowed_special)
+    first = None if prepend is None else self._token_id(prepend)
+    last = None if append is None else self._token_id(append)
+    if isinstance(text, str):
+        rows = [self.enc.encode(text, allowed_special=allowed, disallowed_special=()) if allowed
+                else self.enc.encode_ordinary(text)]
+    elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        rows = (self.enc.encode_batch(list(text), num_threads=num_threads, allowed_special=allowed,
+                                      disallowed_special=()) if allowed
+                else self.enc.encode_ordinary_batch(list(text), num_threads=num_threads))
+    else:
+        raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
+    for ids in rows:
+        if first is not None:
+            ids.insert(0, first)
+        if last is not None:
+            ids.append(last)
+    return rows[0] if isinstance(text, str) else rows
+
+
+@patch
+def decode(self: Tokenizer, ids) -> str:
+    "Turn ids (a list or a 1-D tensor) back into text."
+    return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
+
+
+# %%
 text = "def add(a, b):\n    return a + b  # <|bos|> is just text here\n"
 ids = tok.encode(text)
 test_eq(tok.decode(ids), text)
@@ -541,14 +569,26 @@ assert tok.bos_id not in ids
 test_eq(tok.encode("<|bos|>", allowed_special=True), [tok.bos_id])
 test_eq(tok.encode("hi", prepend="<|bos|>", append=tok.bos_id), [tok.bos_id, *tok.encode("hi"), tok.bos_id])
 test_eq(tok.encode(["a", text], prepend="<|bos|>"), [[tok.bos_id, *tok.encode("a")], [tok.bos_id, *ids]])
-test_fail(lambda: tok.encode_special("<|eos|>"), contains="<|assistant_end|>")
-test_fail(lambda: Tokenizer.train(sample, vocab_size=264), contains=">= 265")
-print(tok, ids[:12], "->", repr(tok.decode(ids[:12])))
+print(ids[:12], "->", repr(tok.decode(ids[:12])))
+
 
 # %% [markdown]
 # `token_bytes` records how many bytes of text each id stands for. The model chapters use it to turn a loss in nats
 # per *token* into bits per *byte*, a number that does not depend on the vocabulary, so models with different
 # tokenizers can be compared.
+
+# %%
+#| export
+@patch(as_prop=True)
+def token_bytes(self: Tokenizer) -> torch.Tensor:
+    "int32 tensor, one entry per id: UTF-8 bytes of the token decoded alone (0 for special tokens)."
+    if self._token_bytes is None:
+        specials = set(self._special_ids.values())
+        # a token that is part of a multi-byte character decodes to U+FFFD, which counts 3 bytes
+        sizes = [0 if i in specials else len(self.enc.decode([i]).encode("utf-8")) for i in range(self.vocab_size)]
+        self._token_bytes = torch.tensor(sizes, dtype=torch.int32)
+    return self._token_bytes
+
 
 # %%
 test_eq(tok.token_bytes.dtype, torch.int32)
@@ -572,25 +612,9 @@ test_eq(int(tok.token_bytes[ids].sum()), len(text.encode("utf-8")))
 #
 # nanochat pickles the tiktoken `Encoding` into `tokenizer.pkl` instead. That is one file, but unpickling runs
 # whatever code the file names, so loading a run directory that someone sent you would let them run code on your
-# machine. Text and JSON can only be parsed. Each file is written to a temporary name and then renamed, so a crash
-# never leaves half a file under a real name; `tokenizer.json` goes last and records the hash of the ranks it
+# machine. Text and JSON can only be parsed. Each file is written with `atomic_write` (chapter 00: a temporary name,
+# fsync, then a rename), so a crash never leaves half a file under a real name; `tokenizer.json` goes last and records the hash of the ranks it
 # belongs with.
-
-# %%
-#| export
-def _atomic_write(path: Path, write) -> None:
-    "Call `write(file)` on a temporary file next to `path`, then rename it to `path` in one step."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
-            raise OSError(e.errno, e.strerror, str(path)) from e  # a full disk names the file it refused
-        raise
-
 
 # %% [markdown]
 # The ranks file is tiktoken's format (the one its `load_tiktoken_bpe` reads), written and parsed here in a few lines:
@@ -665,12 +689,12 @@ def save(self: Tokenizer, directory) -> Path:
     ranks = _ranks_text({self.enc.decode_single_token_bytes(i): i for i in range(n)})
     buf = io.BytesIO()
     torch.save(self.token_bytes, buf)
-    _atomic_write(directory / "tokenizer.tiktoken", lambda f: f.write(ranks))
-    _atomic_write(directory / "token_bytes.pt", lambda f: f.write(buf.getvalue()))
+    atomic_write(directory / "tokenizer.tiktoken", lambda f: f.write(ranks))
+    atomic_write(directory / "token_bytes.pt", lambda f: f.write(buf.getvalue()))
     info = {"format": "nanochat-nb tokenizer 1", "vocab_size": self.vocab_size, "pattern": self.enc._pat_str,
             "special_tokens": self._special_ids, "tokenizer.tiktoken sha256": hashlib.sha256(ranks).hexdigest(),
             "fingerprint": self.fingerprint}
-    _atomic_write(directory / "tokenizer.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+    atomic_write(directory / "tokenizer.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     return directory
 
 
@@ -899,6 +923,7 @@ def render_conversation(self: Tokenizer, conversation: dict, max_tokens: int = 2
 # tokens are supervised (mask 1), grey ones are context (mask 0); special tokens are drawn darker.
 
 # %%
+#| fig-alt: "A rendered conversation drawn token by token: assistant tokens green (trained on), the rest grey."
 conversation = {"messages": [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is 12 times 34?"},
@@ -1018,6 +1043,7 @@ test_eq(tok4096.bos_id, 4096 - 9)
 # test suite is a large part of the corpus. A tokenizer is a compressed portrait of its training data.
 
 # %%
+#| fig-alt: "A code snippet cut into regex chunks and then tokens, drawn as coloured boxes."
 by_length = sorted(range(tok4096.vocab_size), key=lambda i: -int(tok4096.token_bytes[i]))
 print("longest:", [tok4096.decode([i]) for i in by_length[:6]])
 print("longest with letters:", [t for t in map(tok4096.decode, ([i] for i in by_length)) if regex.search(r"\p{L}", t)][:8])
@@ -1034,148 +1060,18 @@ show_spans([("regex chunks", piece_colours(regex.findall(SPLIT_PATTERN, snippet)
 # of different kinds. We wrote our own samples: news-like prose, Korean and Spanish, Python and JavaScript, a
 # table of numbers, LaTeX math and a science paragraph, plus the held-out slice of our corpus.
 
+# %% [markdown]
+# The samples live in a data file shipped with the package, `nanochat_nb/eval_texts.json` (a dict from name to text),
+# so that the chapter shows the code and not 140 lines of prose. Here is how each begins:
+
 # %%
 #| export
-EVAL_TEXTS = {
-"news": """HARBOR CITY - The city council voted 7 to 2 on Tuesday night to approve a $48 million plan to rebuild the
-aging seawall along the eastern waterfront, ending more than three years of debate over how to protect the
-low-lying Marsh Street neighborhood from storm surges.
+EVAL_TEXTS = json.loads((importlib.resources.files("nanochat_nb") / "eval_texts.json").read_text(encoding="utf-8"))
 
-The plan, which engineers say will raise the wall by roughly four feet and add a series of pumping stations, is
-expected to take five years to complete. Construction is scheduled to begin next spring, pending approval from
-state environmental regulators.
-
-"This is the most important vote I have cast in my time on this council," said council member Dana Whitfield, who
-represents the district. "Every family on Marsh Street has a story about the water coming into their living room.
-Tonight we told them that it will not happen again."
-
-Opponents argued that the cost would fall too heavily on small businesses, which will pay a temporary surcharge on
-commercial property taxes. Local restaurant owner Samuel Ortega told the council that his margins were already thin
-after two difficult winters. "Nobody here is against the seawall," he said. "We are against paying for it alone."
-
-The city's finance director, Priya Raman, said the surcharge would expire once federal matching funds arrive, which
-she expects within three years. The state has already committed $12 million, and the city has applied for an
-additional $20 million from a federal resilience program.
-""",
-"korean": """서울의 봄은 짧지만 아름답다. 3월 말이 되면 여의도와 석촌호수 주변에 벚꽃이 피기 시작하고, 주말마다 많은
-사람들이 꽃구경을 하러 나온다. 아이들은 부모의 손을 잡고 산책을 하고, 대학생들은 돗자리를 펴고 앉아 김밥과
-떡볶이를 나누어 먹는다. 하지만 봄에는 미세먼지가 심한 날도 많아서, 외출하기 전에 공기질 예보를 확인하는 것이
-습관이 되었다. 기상청은 올해 벚꽃이 평년보다 일주일 정도 일찍 필 것이라고 예상했다. 전문가들은 기온이 점점
-오르면서 꽃이 피는 시기가 해마다 빨라지고 있다고 설명한다.
-""",
-"spanish": """La biblioteca municipal de nuestro pueblo abrió sus puertas hace más de cien años, y todavía conserva la
-mayoría de los libros originales. Cada sábado por la mañana, una voluntaria lee cuentos en voz alta para los niños
-del barrio, mientras sus padres toman café en la pequeña terraza del patio. El año pasado, el ayuntamiento decidió
-renovar el edificio: se cambiaron las ventanas, se instaló calefacción nueva y se añadió una sala con ordenadores
-para quienes no tienen conexión a internet en casa. Según la directora, el número de visitantes ha crecido casi un
-cuarenta por ciento desde la reforma. «La gente pensaba que las bibliotecas ya no eran necesarias», dice, «pero aquí
-vienen estudiantes, jubilados y familias enteras.»
-""",
-"python": '''import heapq
-from dataclasses import dataclass, field
-
-
-@dataclass(order=True)
-class Job:
-    priority: int
-    name: str = field(compare=False)
-    retries: int = field(default=0, compare=False)
-
-
-class Scheduler:
-    """Run jobs in priority order, retrying failures a few times."""
-
-    def __init__(self, max_retries: int = 3):
-        self.queue: list[Job] = []
-        self.max_retries = max_retries
-        self.done: list[str] = []
-
-    def submit(self, name: str, priority: int = 10) -> None:
-        heapq.heappush(self.queue, Job(priority, name))
-
-    def run(self, work) -> dict[str, int]:
-        failures = {}
-        while self.queue:
-            job = heapq.heappop(self.queue)
-            try:
-                work(job.name)
-            except RuntimeError as err:
-                failures[job.name] = failures.get(job.name, 0) + 1
-                if job.retries < self.max_retries:
-                    job.retries += 1
-                    heapq.heappush(self.queue, job)
-                else:
-                    print(f"giving up on {job.name}: {err}")
-                continue
-            self.done.append(job.name)
-        return failures
-''',
-"javascript": """const cache = new Map();
-
-async function fetchUser(id, { retries = 2 } = {}) {
-  if (cache.has(id)) return cache.get(id);
-  for (let attempt = 0; attempt <= retries; attempt++) {
-    try {
-      const res = await fetch(`/api/users/${id}`);
-      if (!res.ok) throw new Error(`HTTP ${res.status}`);
-      const user = await res.json();
-      cache.set(id, user);
-      return user;
-    } catch (err) {
-      if (attempt === retries) throw err;
-      await new Promise((r) => setTimeout(r, 250 * 2 ** attempt));
-    }
-  }
-}
-
-document.querySelectorAll("[data-user]").forEach(async (el) => {
-  const user = await fetchUser(el.dataset.user);
-  el.textContent = `${user.firstName} ${user.lastName}`;
-});
-""",
-"numbers": """date,station,temp_c,rain_mm,wind_kmh,pressure_hpa
-2024-01-03,north,4.5,12.0,23,1012.4
-2024-01-04,north,3.1,0.0,31,1015.9
-2024-01-05,north,-1.8,2.6,17,1020.3
-2024-01-03,south,9.7,0.4,12,1011.8
-2024-01-04,south,11.2,0.0,9,1014.6
-2024-01-05,south,8.9,7.3,26,1018.0
-Order #58213 shipped on 2024-03-17 at 14:05 UTC; total $1,249.99 (incl. 8.25% tax).
-Population 1950: 2,536,431,000; 2000: 6,143,494,000; 2023: 8,045,311,000.
-pi = 3.14159265358979; e = 2.71828182845904; sqrt(2) = 1.41421356237310
-""",
-"math": r"""\begin{theorem}[Cross-entropy gradient]
-Let $z \in \mathbb{R}^V$ be logits and $p_i = \frac{e^{z_i}}{\sum_{j=1}^{V} e^{z_j}}$ the softmax. For a target
-class $y$, the loss $\ell(z) = -\log p_y$ satisfies
-\[
-  \frac{\partial \ell}{\partial z_i} = p_i - \mathbb{1}[i = y].
-\]
-\end{theorem}
-\begin{proof}
-Write $\ell(z) = -z_y + \log \sum_{j} e^{z_j}$. The first term contributes $-\mathbb{1}[i=y]$ and the second
-\[
-  \frac{\partial}{\partial z_i} \log \sum_{j} e^{z_j} = \frac{e^{z_i}}{\sum_j e^{z_j}} = p_i .
-\]
-\end{proof}
-The Gaussian integral follows from polar coordinates:
-\begin{align}
-  \left( \int_{-\infty}^{\infty} e^{-x^2} \, dx \right)^2
-    &= \int_{0}^{2\pi} \int_{0}^{\infty} e^{-r^2} r \, dr \, d\theta \\
-    &= 2\pi \cdot \frac{1}{2} = \pi,
-\end{align}
-hence $\int_{-\infty}^{\infty} e^{-x^2}\,dx = \sqrt{\pi}$ and, for $\sigma > 0$,
-$\int_{\mathbb{R}} \frac{1}{\sigma\sqrt{2\pi}} e^{-(x-\mu)^2 / 2\sigma^2} \, dx = 1$.
-""",
-"science": """Tides are caused mainly by the Moon's gravity, which pulls slightly harder on the side of the Earth
-that faces it than on the Earth's centre, and slightly less on the far side. The difference stretches the oceans
-into two bulges, one under the Moon and one opposite it, and as the Earth turns each coastline passes through both
-bulges roughly every 24 hours and 50 minutes. The Sun produces a similar but weaker effect, a little less than half
-as strong. When the Sun and Moon line up, at new and full moon, their effects add and we get spring tides with a
-large range; at the quarter moons they partly cancel and the range is smaller. The shape of coastlines and the depth
-of the sea floor amplify or damp these bulges, which is why the Bay of Fundy sees tides of more than 15 metres
-while parts of the Mediterranean barely notice them.
-""",
-}
+# %%
+display(Markdown("\n".join(["| name | chars | begins with |", "|---|---|---|"] + [
+    f"| {name} | {len(text):,} | `{text[:60].splitlines()[0]}` |" for name, text in EVAL_TEXTS.items()])))
+test_eq(list(EVAL_TEXTS), ['news', 'korean', 'spanish', 'python', 'javascript', 'numbers', 'math', 'science'])
 
 
 # %%
@@ -1259,7 +1155,7 @@ def eval_report(run_dir) -> str:
 
 # %%
 report = eval_report(run_dir)
-print(report)
+display(Markdown(report))
 assert "| news |" in report and "| stdlib-val |" in report
 
 # %% [markdown]
@@ -1274,13 +1170,17 @@ for vocab_size in (1024, 2048):
 gpt4 = default_baselines()
 rows = evaluate_tokenizer(tok4096, baselines={**tokenizers, **gpt4})
 names = ["ours-1024", "ours-2048", "ours", *gpt4]
-print("| Text Type | " + " | ".join(n.replace("ours", "ours-4096") if n == "ours" else n for n in names) + " |")
-for r in rows:
-    print(f"| {r['text']} | " + " | ".join(f"{r['ratio'][n]:.2f}" for n in names) + " |")
+display(Markdown("\n".join(
+    ["| bytes per token | " + " | ".join("ours-4096" if n == "ours" else n for n in names) + " |",
+     "|---" * (len(names) + 1) + "|"] +
+    [f"| {r['text']} | " + " | ".join(f"{r['ratio'][n]:.2f}" for n in names) + " |" for r in rows])))
 heldout = next(r for r in rows if r["text"] == "stdlib-val")
+gains = [heldout["ratio"][b] / heldout["ratio"][a] - 1 for a, b in [("ours-1024", "ours-2048"), ("ours-2048", "ours")]]
+print(f"held-out files: 1K -> 2K gains {gains[0]:+.1%} bytes per token, 2K -> 4K {gains[1]:+.1%}")
 assert heldout["tokens"]["ours-1024"] > heldout["tokens"]["ours-2048"] > heldout["tokens"]["ours"]  # more merges, fewer tokens
 
 # %%
+#| fig-alt: "Bar chart of bytes per token for each text type: our 1K, 2K and 4K tokenizers next to GPT-4's."
 labels = {"ours": "ours-4096"}
 fig, ax = plt.subplots(figsize=(11, 3.8))
 width = 0.8 / len(names)
@@ -1294,12 +1194,12 @@ ax.legend(ncol=len(names), fontsize=9)
 plt.show()
 
 # %% [markdown]
-# Three things stand out. Every doubling of the vocabulary helps, by less each time. Our 4K vocabulary, 25 times
+# Three things stand out. Every doubling of the vocabulary helps, and at these small sizes not by less each time (the
+# gains printed above): returns diminish only at vocabularies far larger than ours. Our 4K vocabulary, 25 times
 # smaller than GPT-4's, comes closest to it on what it was trained on: Python code and the held-out standard
 # library files. And it falls far behind on what the standard library lacks: English prose needs nearly twice
 # GPT-4's tokens, and Korean is spelled out byte by byte (a ratio of 1), because there was no Hangul to learn
-# merges from. nanochat's 65K tokenizer, trained on English web pages, shows the same effect at 1.25 bytes per
-# token on Korean against GPT-4's 2.45. A tokenizer is only as broad as its data.
+# merges from. A tokenizer is only as broad as its data.
 
 # %%
 #| hide
@@ -1314,28 +1214,14 @@ shutil.rmtree(run_dir, ignore_errors=True)  # the chapter's scratch run director
 # - **Vocabulary 65,536** (2^16; the 2026 version uses 32,768): 65,527 mergeable tokens, that is 256 bytes and
 #   65,271 merges, then the nine specials, so `<|bos|>` = 65,527 and `<|output_end|>` = 65,535.
 # - **Data:** the first 2 billion characters of the FineWeb-edu training shards, each document cropped to 10,000
-#   characters. rustbpe splits and counts in parallel on the node's CPUs; training takes about a minute (54-77 s
-#   in published runs). The GPUs are idle during this stage.
-# - **Result:** about 4.9 bytes per token on FineWeb-edu itself (table below); nanochat plans how much data a
-#   training run needs with the rule of thumb of about 4.8 characters per token. The mean token is about 6.9 bytes
-#   long (min 1, max 32).
+#   characters. rustbpe splits and counts in parallel on the node's CPUs; training takes about a minute. The GPUs
+#   are idle during this stage.
+# - **Result:** nanochat plans how much data a training run needs with the rule of thumb of about 4.8 characters
+#   per token of its 65K tokenizer on FineWeb-edu.
 # - The embedding table and the output layer each have 65,536 rows: for the d20 model (`n_embd` = 1,280) that is
 #   2 × 65,536 × 1,280 ≈ 168M of its 561M parameters.
 #
-# nanochat's published ratios (bytes per token; classic 65K tokenizer, unverified third-party card):
-#
-# | text | GPT-2 | GPT-4 | nanochat 65K |
-# |---|---|---|---|
-# | news | 4.50 | 4.70 | 4.85 |
-# | korean | 1.20 | 2.45 | 1.25 |
-# | code | 2.19 | 4.07 | 2.56 |
-# | math | 1.96 | 2.20 | 1.90 |
-# | science | 4.28 | 4.47 | 4.88 |
-# | fwe-train | 4.67 | 4.81 | 4.91 |
-# | fwe-val | 4.63 | 4.77 | 4.86 |
-#
-# The pattern mirrors ours with the roles swapped: trained on English web pages, nanochat's tokenizer beats GPT-4 on
-# English prose and loses on code, where ours, trained on code, does well. To run our stage at that scale, point
+# To run our stage at that scale, point
 # `texts` at another corpus and raise `vocab_size`: `train_tokenizer(run_dir, vocab_size=65_536, texts=...)`.
 
 # %% [markdown]
@@ -1354,7 +1240,9 @@ shutil.rmtree(run_dir, ignore_errors=True)  # the chapter's scratch run director
 # ## Exercises
 #
 # 1. Change `\p{N}{1,2}` in the split pattern to `\p{N}{1,3}` (GPT-4's choice), train at 4096 and compare the
-#    `numbers` row of the table. Where do the freed vocabulary slots go?
+#    `numbers` row of the table. Three-digit groups let a number take fewer tokens, but there are up to 1,000 of
+#    them to learn against 100 two-digit ones: count the tokens made only of digits in each vocabulary. What did
+#    the digits take from the rest of the text?
 # 2. Train at 4096 on a corpus with some Korean in it (write or paste a few paragraphs, repeat them) and watch the
 #    `korean` ratio. How much Korean does it take before Hangul syllables become single tokens?
 # 3. Time `bpe_train_python` against `rustbpe_train` for 1K, 10K and 100K characters. How does each scale with the

@@ -41,12 +41,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat_nb.common import get_device
+
 # %%
 #| hide
 import time
 
 import matplotlib.pyplot as plt
 from fastcore.test import test_close, test_eq, test_fail
+from IPython.display import Markdown, display
+
+from nanochat_nb.common import AT_SCALE, at_scale_table
 
 # The chapter's models are tiny: on a busy 2-core machine a second thread costs more in synchronisation than it
 # gains, so the examples run on one (restored at the end of the chapter).
@@ -128,23 +133,10 @@ test_fail(lambda: GPTConfig.from_depth(4, n_kv_head=3), contains="multiple of n_
 test_fail(lambda: GPTConfig(n_embd=96, n_head=32, n_kv_head=32), contains="odd")
 test_fail(lambda: GPTConfig.from_depth(4, n_heads=2), contains="unknown")
 
-
 # %% [markdown]
 # Where will it run? nanochat picks CUDA, then Apple's MPS, then the CPU. The rest of the book passes `device`
-# through this one function, so a machine with a GPU uses it without being told.
-
-# %%
-#| export
-def get_device(device=None):
-    "`device` as a `torch.device`; when None, the best available: cuda, then mps, then cpu."
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
+# through one function, `get_device` from the common module (chapter 00), re-exported here, so a machine with a GPU
+# uses it without being told.
 
 # %%
 print(get_device(), get_device("cpu"))
@@ -225,6 +217,7 @@ for shift in (1, 50, 150):
 # paragraph ago".
 
 # %%
+#| fig-alt: "Left: three rotary pairs trace circles at different speeds over positions. Right: cosine between a query and rotated copies of itself falls with distance."
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 _pos = torch.arange(0, 40)
 _c, _s = rotary_tables(40, 64)
@@ -407,6 +400,30 @@ class Block(nn.Module):
         "One block on the residual stream `x` (B, T, C)."
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
+
+
+# %% [markdown]
+# The block as a picture: the residual stream runs straight up, and each sub-layer reads a normalised copy of it and
+# adds its output back.
+
+# %%
+#| fig-alt: "A transformer block: the residual stream x runs up the left; a branch goes through RMSNorm, attention with RoPE and QK norm, and is added back; a second branch goes through RMSNorm and the ReLU-squared MLP and is added back."
+fig, ax = plt.subplots(figsize=(6, 4.2))
+boxes = [(0.6, "RMSNorm", "#e8e8e8"), (1.3, "attention (RoPE, QK norm)", "#dbe8f6"), (2.4, "RMSNorm", "#e8e8e8"),
+         (3.1, "MLP: c_fc → ReLU² → c_proj", "#f6e3cf")]
+ax.annotate("", xy=(0, 4.2), xytext=(0, -0.2), arrowprops=dict(arrowstyle="->", lw=2))
+ax.text(0, -0.45, "x (B, T, C)", ha="center"), ax.text(0, 4.35, "to the next block", ha="center")
+for y, label, colour in boxes:
+    ax.add_patch(plt.Rectangle((0.9, y - 0.25), 2.6, 0.5, facecolor=colour, edgecolor="k"))
+    ax.text(2.2, y, label, ha="center", va="center", fontsize=9)
+for y0, y1, y_add in [(0.6, 1.3, 1.9), (2.4, 3.1, 3.7)]:
+    ax.annotate("", xy=(0.9, y0), xytext=(0, y0 - 0.35), arrowprops=dict(arrowstyle="->"))  # branch out
+    ax.annotate("", xy=(2.2, y1 - 0.25), xytext=(2.2, y0 + 0.25), arrowprops=dict(arrowstyle="->"))
+    ax.annotate("", xy=(0.12, y_add), xytext=(2.2, y1 + 0.25), arrowprops=dict(arrowstyle="->"))  # add back
+    ax.text(0, y_add, "+", ha="center", va="center", fontsize=14, bbox=dict(boxstyle="circle", fc="white"))
+ax.set_xlim(-1, 4), ax.set_ylim(-0.7, 4.6), ax.axis("off")
+ax.set_title("One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))")
+plt.show()
 
 
 # %% [markdown]
@@ -699,16 +716,18 @@ test_eq(model(_idx, torch.full_like(_idx, -1), loss_reduction="none").shape, (2,
 # the attention scores and mixing, 12·L·H·head_dim·T.
 
 # %%
-print(f"{'depth':>5} {'n_embd':>6} {'heads':>5} {'params':>15} {'without wte':>15} {'FLOPs/token':>12}")
+lines = ["| depth | n_embd | heads | params | without wte | FLOPs/token |", "|---|---|---|---|---|---|"]
 for d in (4, 6, 8, 12, 16, 20, 26, 32):
     with torch.device("meta"):
         m = GPT(GPTConfig.from_depth(d))
     n, c = m.num_params(), m.config
-    print(f"{d:>5} {c.n_embd:>6} {c.n_head:>5} {n:>15,} {n - c.padded_vocab_size * c.n_embd:>15,} "
-          f"{m.estimate_flops():>12.3e}")
+    lines.append(f"| {d} | {c.n_embd} | {c.n_head} | {n:,} | {n - c.padded_vocab_size * c.n_embd:,} | "
+                 f"{m.estimate_flops():.3e} |")
     if d == 20:
         test_eq(n, 560_988_160)
         test_eq(n, 12 * 20 * 1280**2 + 2 * 65536 * 1280)
+        test_eq(f"{n:,}", AT_SCALE["parameters"][0])  # the number every chapter quotes (chapter 00)
+display(Markdown("\n".join(lines)))
 
 # %% [markdown]
 # ## Causality
@@ -737,6 +756,29 @@ assert not torch.allclose(_la[:, 10:], _lb[:, 10:])
 # over the whole sequence (fp32, to 1e-5). Then the other two paths: a chunk of several tokens on top of a cached
 # prefix, and a batch-1 prefill expanded to several rows that decode different continuations. `model` is the tiny
 # GQA model from above (4 query heads sharing 2 key/value heads), run on a batch of 3 rows.
+#
+# What the cache saves, drawn: without it, step t recomputes keys and values for all t tokens; with it, each step
+# computes them for the one new token and reads the rest from the cache.
+
+# %%
+#| fig-alt: "Two grids of decode steps by token position: without a cache every earlier position is recomputed at each step; with a cache only the new position is computed and earlier ones are read from the cache."
+fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+prompt, steps_shown = 4, 5
+for ax, cached in zip(axes, (False, True)):
+    for step in range(steps_shown):
+        n = prompt + step + 1  # tokens whose keys/values this step needs
+        for pos in range(n):
+            new = pos == n - 1 or (step == 0 and pos < prompt + 1)
+            colour = "tab:orange" if (new or not cached) else "tab:blue"
+            ax.add_patch(plt.Rectangle((pos, steps_shown - 1 - step), 0.9, 0.9, color=colour, alpha=0.8))
+    ax.set_xlim(0, prompt + steps_shown), ax.set_ylim(0, steps_shown)
+    ax.set_yticks([i + 0.45 for i in range(steps_shown)],
+                  [f"decode {steps_shown - 1 - i}" if i < steps_shown - 1 else "prefill" for i in range(steps_shown)])
+    ax.set_xlabel("token position"), ax.set_title("with a KV cache" if cached else "without a cache")
+axes[1].legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:orange"), plt.Rectangle((0, 0), 1, 1, color="tab:blue")],
+               labels=["keys/values computed", "read from the cache"], fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+plt.tight_layout()
+plt.show()
 
 # %%
 torch.manual_seed(2)
@@ -801,6 +843,7 @@ print(f"500 steps in {time.time() - t0:.1f} s, loss {losses[0]:.2f} -> {sum(loss
 assert sum(losses[-20:]) / 20 < 0.5
 
 # %%
+#| fig-alt: "Training loss of the copy model on a log scale, flat and then dropping suddenly."
 plt.figure(figsize=(6, 2.5)); plt.plot(losses); plt.yscale("log")
 plt.xlabel("step"); plt.ylabel("loss"); plt.title("the loss drops suddenly once the circuit forms"); plt.show()
 
@@ -822,6 +865,7 @@ assert sum(a == b for a, b in zip(_out, _want)) >= 8
 # the same projections, rotation and QK norm.
 
 # %%
+#| fig-alt: "Four attention maps on a repeated block of 7 tokens: layer 0 heads attend to the previous token, layer 1 heads to the token after an earlier copy."
 def attention_maps(model, idx):
     "Attention weights (n_layer, B, n_head, T, T), recomputed from each layer's captured input."
     inputs = []
@@ -873,13 +917,29 @@ print(f"layer 0: {prev_mass:.0%} of attention on the previous token (1/t on aver
 print(f"layer 1: {induction_mass:.0%} of attention on tokens that followed an earlier copy")
 assert prev_mass > 0.3 and induction_mass > 0.5
 
+
 # %% [markdown]
 # ## Precision and speed
 #
-# nanochat trains in bf16 autocast on GPUs and in fp32 on CPUs. The CPUs this book runs on have bf16 matrix units
-# (a bf16 matmul is about 2.5× an fp32 one), so bf16 autocast is an option here too: wrap the forward in
+# nanochat trains in bf16 autocast on GPUs and in fp32 on CPUs. Some CPUs have bf16 matrix units (Intel's AMX,
+# recent ARM cores), others emulate bf16 and are slower in it than in fp32; the cell below times one matmul on
+# yours. Where bf16 is faster, autocast is an option on the CPU too: wrap the forward in
 # `torch.autocast("cpu", dtype=torch.bfloat16)`. Matmuls and attention then run in bf16 while the residual stream
 # (and the norms applied to it) and the softcapped logits stay fp32. The loss moves by bf16's rounding, not more:
+
+# %%
+def matmul_seconds(dtype, n=512, trials=5):
+    "Best-of-`trials` time of one n x n matmul in `dtype` on this CPU."
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+print(f"this CPU: a bf16 matmul takes {matmul_seconds(torch.bfloat16) / matmul_seconds(torch.float32):.2f}× "
+      "the time of an fp32 one (below 1 means bf16 is faster here)")
 
 # %%
 with torch.no_grad():
@@ -891,9 +951,10 @@ print(f"fp32 {fp32_loss:.5f}  bf16 autocast {bf16_loss:.5f}")
 test_close(bf16_loss, fp32_loss, eps=0.05)
 
 # %% [markdown]
-# Measured on this book's shared 2-core CPU with `bench/train_throughput.py`: a full training step (forward, backward,
-# gradient clipping, chapter 03's Muon and AdamW) of a d4 model at vocabulary 8,192, sequence 512, batch 8, in
-# tokens per second. The machine is shared, so treat them as ±10%.
+# Measured once, on the shared 2-core CPU this book was written on (one with bf16 matrix units), with
+# `bench/train_throughput.py`: a full training step (forward, backward, gradient clipping, chapter 03's Muon and
+# AdamW) of a d4 model at vocabulary 8,192, sequence 512, batch 8, in tokens per second. The machine was shared, so
+# treat them as ±10%, and run the script to get your own machine's numbers.
 #
 # | | nanochat's classic code | this chapter |
 # |---|---|---|
@@ -910,7 +971,7 @@ test_close(bf16_loss, fp32_loss, eps=0.05)
 # attention and the elementwise work take more than half of the step.
 #
 # `torch.compile` works for training (checked here on the CPU; it is how nanochat trains on GPUs). It costs 10 to 60
-# seconds of compilation per shape on this CPU, so this check only runs with `nbdev-test --flags slow` (the test
+# seconds of compilation per shape on a small CPU, so this check only runs with `nbdev-test --flags slow` (the test
 # suite runs a tiny version):
 
 # %%
@@ -927,7 +988,7 @@ torch.compiler.reset()  # drop the compiled graphs
 # ## At scale
 #
 # The speedrun model is d20: 20 layers, width 1,280, 10 heads of 128, a 65,536-token vocabulary and 2,048-token
-# context, 560,988,160 parameters (of which 167,772,160 in the embedding and as many in `lm_head`), 3.49e9
+# context, 560,988,160 parameters (of which 83,886,080 in the embedding and as many in `lm_head`), 3.49e9
 # training FLOPs per token. What changes on 8×H100:
 #
 # - **Precision**: weights and optimizer state in fp32, the forward in bf16 autocast with TF32 matmuls allowed; the
@@ -935,14 +996,18 @@ torch.compiler.reset()  # drop the compiled graphs
 # - **Attention**: SDPA dispatches to flash attention; the causal (B, H, T, T) score matrix is never built.
 # - **Memory**: each GPU runs `device_batch_size = 32` rows of 2,048 tokens, 65,536 tokens per micro-step, and the
 #   fp32 logits alone are 65,536 × 65,536 × 4 bytes = 17.2 GB, and the softcap and cross-entropy keep more tensors
-#   of that size for the backward pass: the output head, not the transformer, is what decides the batch size. d26 and up need `device_batch_size = 16` on 80 GB cards.
-#   Published d20 cards report about 75 GB peak per GPU (unverified).
-# - **Speed**: compiled, about 487 ms per step of 524,288 tokens, ≈1.08M tokens/s and ≈47.5% MFU against the H100's
-#   989 TFLOP/s bf16 peak; MFU grows with size (d12 41%, d18 about 46%, d32 ≈50.9%). The 21,400 steps of d20 take
-#   about three hours, ≈4e19 FLOPs.
+#   of that size for the backward pass: the output head, not the transformer, is what decides the batch size.
+#   nanochat's speedrun script lowers `device_batch_size` to 16 for d26 and up on 80 GB cards.
+# - **Speed**: compiled, in bf16. MFU is measured against the H100's 989 TFLOP/s bf16 dense peak (nanochat's
+#   constant). Time, tokens and FLOPs are those of chapter 00's table: the 21,400 steps of d20 take about 3 h,
+#   ≈3.9e19 FLOPs.
 # - The fused CPU head is not used there: `torch.compile` fuses the simple one, and on a GPU our Python loop over
 #   chunks would launch too many small kernels. The idea carries over, though: a chunked head never holds the full
 #   logits, and GPU libraries (Liger Kernel's fused linear cross-entropy, for one) do exactly that in a kernel.
+
+# %%
+display(Markdown(at_scale_table(["parameters", "training FLOPs", "base training time", "logits of one micro-batch"])))
+test_eq(f"{32 * 2048 * 65_536 * 4 / 1e9:.1f}", AT_SCALE["logits of one micro-batch"][0].split()[0])
 
 # %% [markdown]
 # ## Summary

@@ -51,6 +51,7 @@ import tempfile
 import matplotlib.pyplot as plt
 from fastcore.test import test_close, test_eq, test_fail
 
+from nanochat_nb.common import AT_SCALE
 from nanochat_nb.model import GPTConfig, build_model
 
 # %% [markdown]
@@ -127,6 +128,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 # $2 \cdot 10^{-3}$ (relative to the Frobenius norm) ends up in the band.
 
 # %%
+#| fig-alt: "Left: singular values of a gradient spread over decades, and near 1 after Newton-Schulz. Right: the quintic map iterated one to five times."
 O = zeropower_via_newtonschulz5(grad)
 s_before = torch.linalg.svdvals(grad / grad.norm())
 s_after = torch.linalg.svdvals(O.float())
@@ -362,8 +364,12 @@ test_close((1280 / 768) ** -0.5, 0.7746, eps=1e-4)
 
 # %% [markdown]
 # Gradient clipping is *not* the optimizers' job: the training loop clips before calling `step()`. Note the order
-# when the distributed optimizers are in use: they average gradients across ranks inside `step()`, so anything that
-# runs before it (clipping included) sees each rank's local gradient, as in nanochat.
+# when the distributed optimizers are in use: they average gradients across ranks inside `step()`, so a norm taken
+# before it sees only each rank's local gradient. nanochat clips that local gradient. Our loop (chapter 06) does not:
+# when clipping is on and there are several ranks, it first all-reduces the gradients (AVG), so the norm it clips is
+# the norm of the averaged gradient and a two-process run matches a one-process run on the same batch. The price is
+# one extra all-reduce of every gradient per step, on top of the optimizers' reduce-scatter and all-gather;
+# `--grad-clip 0` skips it.
 #
 # ## Schedules
 #
@@ -405,6 +411,7 @@ def muon_momentum(it: int, warmup_steps: int = 300, start: float = 0.85, end: fl
 # Across nanochat's d20 run (21,400 steps, derived below):
 
 # %%
+#| fig-alt: "Left: the learning-rate multiplier, flat then falling linearly to zero over the last 20%. Right: Muon momentum rising from 0.85 to 0.95 over 300 steps."
 N = 21_400
 steps = torch.arange(N + 1).tolist()
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2))
@@ -423,6 +430,73 @@ test_close(lr_multiplier(N, N, final_lr_frac=0.1), 0.1)
 test_eq([lr_multiplier(it, 100, warmup_ratio=0.05) for it in range(5)], [0.2, 0.4, 0.6, 0.8, 1.0])
 test_close([muon_momentum(it) for it in (0, 150, 300, 10_000)], [0.85, 0.90, 0.95, 0.95])
 
+# %% [markdown]
+# ## Muon against AdamW
+#
+# Is Muon worth it? The tiny GPT above has a 256-token vocabulary, so it can read raw bytes: we train it on the source
+# of a standard-library module, once with nanochat's routing (`setup_optimizers`: Muon for the blocks) and once with
+# AdamW for everything, at three learning rates so that AdamW gets a fair chance. Same initial weights, same batches,
+# same schedule (`lr_multiplier`). The numbers are small-model numbers: the point is the shape of the curves.
+
+# %%
+import inspect, json as _json
+
+corpus = torch.tensor(list(inspect.getsource(_json.decoder).encode() * 4), dtype=torch.long)
+
+
+def byte_batches(steps, B=8, T=64, seed=0):
+    "`steps` random (inputs, targets) windows of the byte corpus, the same for every run."
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(corpus) - T - 1, (steps, B), generator=g)
+    return [(corpus[s[:, None] + torch.arange(T)], corpus[s[:, None] + torch.arange(1, T + 1)]) for s in starts]
+
+
+def train_curve(make_optimizers, steps=80):
+    "Train a fresh tiny GPT (seed 0) and return its loss at every step."
+    torch.manual_seed(0)
+    m = build_model(config, "cpu")
+    opts, losses = make_optimizers(m), []
+    for group in (g for o in opts for g in o.param_groups):
+        group.setdefault("initial_lr", group["lr"])
+    for it, (x, y) in enumerate(byte_batches(steps)):
+        loss = m(x, y)
+        loss.backward()
+        for o in opts:
+            for group in o.param_groups:
+                group["lr"] = group["initial_lr"] * lr_multiplier(it, steps)
+            o.step()
+        m.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+threads = torch.get_num_threads()
+torch.set_num_threads(1)  # tiny matrices: a second thread costs more than it gains
+curves = {"Muon + AdamW (nanochat)": train_curve(setup_optimizers)}
+for lr in (3e-3, 1e-2, 3e-2):
+    curves[f"AdamW only, lr {lr:g}"] = train_curve(
+        lambda m: [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)])
+torch.set_num_threads(threads)
+
+# %%
+#| fig-alt: "Training loss against step for the tiny GPT on bytes: Muon with AdamW against AdamW alone at two learning rates."
+fig, ax = plt.subplots(figsize=(6.5, 3.4))
+for name, losses in curves.items():
+    ax.plot(losses, label=name)
+ax.set_xlabel("step"), ax.set_ylabel("training loss (nats per byte)")
+ax.set_title("Tiny GPT on bytes: Muon against AdamW")
+ax.legend()
+plt.show()
+final = {name: sum(losses[-10:]) / 10 for name, losses in curves.items()}
+print({name: round(v, 3) for name, v in final.items()})
+assert final["Muon + AdamW (nanochat)"] < min(v for k, v in final.items() if k.startswith("AdamW"))
+
+
+# %% [markdown]
+# On this run Muon's curve falls faster and ends lower than AdamW's at any of the three learning rates (the numbers
+# printed above are the mean of the last ten steps). Orthogonalised updates move every direction of a weight matrix
+# at the same pace, instead of letting a few large singular directions dominate, and that is what nanochat's speedrun
+# buys with it: fewer steps for the same loss.
 
 # %% [markdown]
 # ## How long, and in how many pieces
@@ -564,7 +638,25 @@ test_eq((info.is_ddp, info.rank, info.world_size), (False, 0, 1))
 #
 # A chunk's gradients are concatenated along dim 0 into one buffer, which both gloo and NCCL accept, and a short
 # last chunk is padded with zeros so that every rank takes part in every collective. All reduce-scatters are
-# launched before any update is computed, so communication overlaps the Newton–Schulz arithmetic.
+# launched before any update is computed, so communication overlaps the Newton–Schulz arithmetic. The same three
+# phases as a picture, for one chunk of two matrices on two ranks:
+
+# %%
+#| fig-alt: "Three panels for two ranks: each rank holds gradients of W0 and W1; after reduce-scatter rank 0 holds the mean gradient of W0 and rank 1 that of W1; each updates its own matrix; after all-gather both ranks hold the new W0 and W1."
+fig, axes = plt.subplots(1, 3, figsize=(11, 2.6))
+phases = [("1. before: every rank has\nits own gradient of W0 and W1", [["g0", "g1"], ["g0", "g1"]], "0.85"),
+          ("2. after reduce-scatter (AVG):\nrank r owns mean(grad Wr), updates Wr", [["ḡ0 → W0'", ""], ["", "ḡ1 → W1'"]], "#f6d8b8"),
+          ("3. after all-gather: every\nrank has the new W0' and W1'", [["W0'", "W1'"], ["W0'", "W1'"]], "#cfe6c8")]
+for ax, (title, cells, colour) in zip(axes, phases):
+    for r, row in enumerate(cells):
+        for j, label in enumerate(row):
+            ax.add_patch(plt.Rectangle((j * 1.1, 1.2 - r * 1.2), 1, 0.9, facecolor=colour if label else "white",
+                                       edgecolor="k"))
+            ax.text(j * 1.1 + 0.5, 1.65 - r * 1.2, label, ha="center", va="center", fontsize=10)
+        ax.text(-0.15, 1.65 - r * 1.2, f"rank {r}", ha="right", va="center", fontsize=9)
+    ax.set_xlim(-0.9, 2.3), ax.set_ylim(-0.1, 2.2), ax.axis("off"), ax.set_title(title, fontsize=9)
+fig.suptitle("DistMuon on one chunk: each rank runs Newton–Schulz on half the matrices", y=1.16)
+plt.show()
 
 # %%
 #| export
@@ -738,20 +830,24 @@ print(f"DistMuon + DistAdamW (1 rank) == Muon + AdamW on all {len(plain_run)} te
 #
 # ## At scale
 #
-# On nanochat's d20 run (8×H100, 21,400 steps, about 3 h 51 min in total):
+# On nanochat's d20 run (8×H100, 21,400 steps; base training takes about 3 h, the numbers of chapter 00's table):
 #
 # - **Settings** are the defaults here: Muon lr 0.02 for all block matrices, AdamW lrs 0.2 × 0.7746 (`wte`) and
 #   0.004 × 0.7746 (`lm_head`), betas (0.8, 0.95), no weight decay, momentum 0.85 → 0.95 over 300 steps, warmdown
 #   over the last 4,280 steps, gradient clipping at 1.0 in the loop. `device_batch_size` 32 × 2,048 × 8 GPUs = 2¹⁹
 #   tokens, so `grad_accum_steps` is 1; a single GPU runs the same schedule with 8 micro-steps in about 8× the time.
-# - **Memory**: AdamW keeps two fp32 moments per embedding weight (2 × 2 × 65,536 × 1,280 × 4 bytes = 1.3 GB) and
-#   Muon one momentum per block weight (12 × 20 × 1,280² × 4 bytes = 1.6 GB). Sharded over 8 ranks that is about
-#   0.37 GB per GPU instead of 2.9 GB; checkpoints therefore store one optimizer file per rank.
+# - **Memory**: AdamW keeps two moments per embedding weight, in the weight's dtype: bf16 for `wte`, fp32 for
+#   `lm_head` (2 × 65,536 × 1,280 × (2 + 4) bytes = 1.0 GB), and Muon one fp32 momentum per block weight
+#   (12 × 20 × 1,280² × 4 bytes = 1.6 GB). Sharded over 8 ranks that is about 0.32 GB per GPU instead of 2.6 GB
+#   (computed below, and the same number chapter 05 gives for one optimizer file); checkpoints therefore store one
+#   optimizer file per rank.
 # - **Work**: each GPU runs Newton–Schulz on 1/8 of the 120 block matrices (5 steps of three bf16 matmuls each):
-#   about 1.6 TFLOP per GPU per step (computed below), under 1% of the ≈229 TFLOP of its forward and backward, in a
-#   step of about 487 ms (≈1.08M tokens/s, ≈47.5% MFU). Without sharding every GPU would do all 12.6 TFLOP.
+#   about 1.6 TFLOP per GPU per step (computed below), under 1% of the ≈229 TFLOP of its forward and backward.
+#   Without sharding every GPU would do all 12.6 TFLOP.
 # - **Communication**: one reduce-scatter and one all-gather of every weight per step, the volume of one DDP
-#   all-reduce, started asynchronously so Newton–Schulz on one chunk overlaps the transfers of the next.
+#   all-reduce, started asynchronously so Newton–Schulz on one chunk overlaps the transfers of the next. With
+#   clipping on, chapter 06's loop adds one all-reduce of the gradients before `step()` (see above), so a step moves
+#   about twice DDP's volume; nanochat, which clips the local gradient, moves once.
 
 # %%
 def ns_flops(rows, cols, steps=5):
@@ -762,6 +858,10 @@ def ns_flops(rows, cols, steps=5):
 d, n_layer, world_size = 1280, 20, 8
 ns_total = n_layer * (4 * ns_flops(d, d) + 2 * ns_flops(4 * d, d))  # q, k, v, c_proj; c_fc, mlp c_proj
 fwd_bwd = 3.49e9 * 524_288 / world_size  # FLOPs/token (chapter 02) x tokens per GPU per step
+emb, blocks = 65_536 * d, 12 * n_layer * d**2
+optim_gb = (2 * emb * (2 + 4) + 4 * blocks) / 1e9  # Adam moments of wte (bf16) and lm_head (fp32); Muon momentum
+print(f"optimizer state: {optim_gb:.2f} GB, {optim_gb / world_size:.2f} GB per GPU")
+test_eq(f"{optim_gb / world_size:.2f} GB", AT_SCALE["optimizer state per GPU"][0])  # chapter 00's table
 print(f"Newton-Schulz: {ns_total / 1e12:.1f} TFLOP per step, {ns_total / world_size / 1e12:.2f} per GPU; "
       f"forward+backward {fwd_bwd / 1e12:.0f} TFLOP per GPU ({ns_total / world_size / fwd_bwd:.2%})")
 assert ns_total / world_size < 0.01 * fwd_bwd
@@ -784,5 +884,5 @@ assert ns_total / world_size < 0.01 * fwd_bwd
 #    with each. Is the loss different? How much slower is the SVD on your CPU?
 # 2. Change the coefficients to the "plain" cubic Newton–Schulz $(1.5, -0.5, 0)$ and redraw the right-hand figure.
 #    How many steps does it need to lift a singular value of $10^{-2}$ to 0.7?
-# 3. Give `wte` and `lm_head` to Muon as well (drop the ValueError) and compare the loss after 100 steps with the
-#    nanochat routing.
+# 3. Give `wte` and `lm_head` to Muon as well (in `setup_optimizers`, put every 2-D parameter in the Muon group and
+#    leave AdamW none) and compare the loss after 100 steps with the nanochat routing.

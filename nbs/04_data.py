@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nanochat_nb.common import atomic_write
 from nanochat_nb.tokenizer import stdlib_documents
 
 # %%
@@ -81,6 +82,10 @@ def md_table(rows):
     display(Markdown("\n".join(lines)))
 
 
+# %% [markdown]
+# Everything this chapter writes goes into one temporary directory, `scratch`, removed at the end.
+
+# %%
 scratch = Path(tempfile.mkdtemp(prefix="nanochat_nb_data_"))
 
 # %% [markdown]
@@ -113,22 +118,16 @@ f"{FINEWEB_BASE_URL}/{shard_name(FINEWEB_NUM_SHARDS - 1)}"
 # row group is the unit a reader can fetch on its own: rank 3 of 8 reads row groups 3, 11, 19, … and never touches
 # the rest. nanochat's rules, which we copy: 1,024 documents per row group, zstd compression at level 3, and a shard
 # closes once it holds at least `chars_per_shard` characters *and* a whole number of row groups, so every row group
-# except the very last one of the corpus is full. Each shard is written to a temp file and renamed into place, so a
-# crash never leaves a half shard under a real name.
+# except the very last one of the corpus is full. Each shard is written with `atomic_write` (chapter 00), so a crash
+# never leaves a half shard under a real name.
 
 # %%
 #| export
 def _write_shard(path, docs, docs_per_row_group):
-    "Write one shard atomically: a temp file, renamed into place only once it is complete."
-    tmp = path.with_name(path.name + ".tmp")
+    "Write one shard atomically (`atomic_write`: temp file, fsync, rename) once it is complete."
     table = pa.table({"text": pa.array(docs, type=pa.string())})
-    try:
-        pq.write_table(table, tmp, row_group_size=docs_per_row_group, compression="zstd", compression_level=3,
-                       use_dictionary=False, write_statistics=False)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # a full disk names the shard it refused
+    atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=docs_per_row_group, compression="zstd",
+                                                compression_level=3, use_dictionary=False, write_statistics=False))
     return path
 
 
@@ -440,117 +439,6 @@ fingerprint = shards_fingerprint(data_dir)
 prepare_data(run_dir)
 test_eq(shards_fingerprint(data_dir), fingerprint)  # the same corpus again: the same fingerprint
 print(fingerprint)
-
-
-# %% [markdown]
-# ## Downloading FineWeb-edu
-#
-# For the real run the shards come from Hugging Face, about 100 MB each. A download of 240 of them will meet a
-# flaky connection sooner or later, so each shard is fetched the careful way: streamed into a uniquely named temp
-# file, checked (the byte count against `Content-Length`, then the parquet footer, which sits at the very end of the
-# file, so a cut-off body cannot pass), and only then renamed to its real name. A failure deletes the temp file and
-# retries after `backoff ** attempt` seconds. Shards already complete on disk are skipped, so re-running the command
-# after an error fetches only what is missing. We always fetch the validation shard (index 1822) on top of the
-# requested train shards, so that `list_shards(..., "val")` means the same shard whatever `N` was.
-
-# %%
-#| export
-def _fetch(url, dest, timeout):
-    "Stream `url` to a temp file beside `dest`, check that it is whole, then rename it into place."
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            expected, got = r.headers.get("Content-Length"), 0
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                got += len(chunk)
-        if expected is not None and got != int(expected):
-            raise IOError(f"truncated body: got {got} of {expected} bytes")
-        pq.read_metadata(tmp)  # the footer is the last thing in the file: a cut-off download fails here
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# %%
-#| export
-def download_shards(num_shards, data_dir, base_url=FINEWEB_BASE_URL, workers=4, max_attempts=5, timeout=30,
-                    backoff=2.0, last_index=FINEWEB_NUM_SHARDS - 1, verbose=False):
-    "Download shards 0..num_shards-1 plus the validation shard `last_index`, in parallel, with retries."
-    if not 0 < num_shards <= last_index:
-        raise ValueError(f"num_shards must be in 1..{last_index} (validation shard {last_index} comes on top), "
-                         f"got {num_shards}")
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    indices = list(range(num_shards)) + [last_index]
-
-    def get(index):
-        dest, error = data_dir / shard_name(index), None
-        if dest.exists():
-            try:
-                pq.read_metadata(dest)
-                return index, None  # complete: files only ever get their final name once checked
-            except Exception:
-                dest.unlink()  # not ours, or damaged later: fetch it again
-        for attempt in range(1, max_attempts + 1):
-            try:
-                _fetch(f"{base_url.rstrip('/')}/{dest.name}", dest, timeout)
-                if verbose:
-                    print(f"{dest.name}: {dest.stat().st_size / 1e6:.1f} MB", flush=True)
-                return index, None
-            except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-                if attempt < max_attempts:
-                    time.sleep(backoff ** attempt)
-        return index, error
-
-    with ThreadPoolExecutor(workers) as pool:  # threads suffice: the work is waiting on the network
-        failed = [(i, err) for i, err in pool.map(get, indices) if err]
-    if failed:
-        lines = "\n".join(f"  {shard_name(i)}: {err}" for i, err in failed)
-        raise RuntimeError(f"{len(failed)} shard(s) failed after {max_attempts} attempts each "
-                           f"(re-run to fetch only the missing ones):\n{lines}")
-    return [data_dir / shard_name(i) for i in indices]
-
-
-# %% [markdown]
-# There is no network here, so we play Hugging Face ourselves: a local HTTP server hands out the shards we just
-# wrote, with the last one renamed to index 1822. The tests in `tests/test_data.py` add servers that fail, time out
-# and cut bodies short.
-
-# %%
-hf = scratch / "fake_hf"
-hf.mkdir()
-for i, p in enumerate(list_shards(data_dir, "train")[:2]):
-    shutil.copy(p, hf / shard_name(i))
-shutil.copy(list_shards(data_dir, "val")[0], hf / shard_name(FINEWEB_NUM_SHARDS - 1))
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
-    type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None}), directory=str(hf)))
-threading.Thread(target=server.serve_forever, daemon=True).start()
-url = f"http://127.0.0.1:{server.server_address[1]}"
-got = download_shards(2, scratch / "downloaded", base_url=url, backoff=0.01)
-test_eq([p.name for p in got], ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"])
-assert all(p.read_bytes() == (hf / p.name).read_bytes() for p in got)
-test_fail(lambda: download_shards(3, scratch / "downloaded", base_url=url, max_attempts=2, backoff=0.01),
-          contains="shard_00002.parquet: HTTPError")
-server.shutdown()
-
-
-# %% [markdown]
-# The command line's `nanochat-nb data download --shards N` calls this wrapper, which downloads into `run_dir/data`
-# and reports what it did.
-
-# %%
-#| export
-def download_data(run_dir, num_shards, **kwargs):
-    "Download FineWeb-edu shards into `run_dir/data`; return printable stats (the CLI's `data download`)."
-    data_dir = Path(run_dir) / "data"
-    t0 = time.time()
-    before = {p.name for p in data_dir.glob("shard_*.parquet")} if data_dir.is_dir() else set()
-    paths = download_shards(num_shards, data_dir, **kwargs)
-    return {"data_dir": str(data_dir), "train_shards": num_shards, "val_shard": paths[-1].name,
-            "downloaded": sum(p.name not in before for p in paths), "skipped": sum(p.name in before for p in paths),
-            "GB": round(sum(p.stat().st_size for p in paths) / 1e9, 3), "seconds": round(time.time() - t0, 1)}
 
 
 # %% [markdown]
@@ -945,6 +833,7 @@ for packing in ("bestfit", "stream"):
 # alone.
 
 # %%
+#| fig-alt: "Left: histogram of document lengths on a log scale. Right: percent of tokens cropped or padded by each packing against the row length T."
 all_docs = [t for p in list_shards(data_dir) for t in pq.read_table(p).column("text").to_pylist()]
 lengths = [len(d) for d in tokenizer.encode(all_docs, prepend=tokenizer.bos_id, num_threads=4)]
 
@@ -988,6 +877,7 @@ plt.show()
 print("document length percentiles (10/50/90):", np.percentile(lengths, [10, 50, 90]).astype(int).tolist())
 {T: f"best fit crops {100 * w[0]:.0f}%" for T, w in zip(Ts, waste)}
 
+
 # %% [markdown]
 # Source files are long: the median stdlib module is about as long as a whole row at `T = 2048`, and a tenth of
 # them are several times longer. At small `T` best fit therefore keeps mostly the *beginnings* of files (imports,
@@ -1002,10 +892,10 @@ print("document length percentiles (10/50/90):", np.percentile(lengths, [10, 50,
 #   group). At ≈4.8 characters per token a shard holds ≈52M tokens. The classic d20 run trains on 11.2B tokens
 #   (20 × parameters), which is ≈54B characters or ≈216 shards; nanochat downloads 240 (≈24 GB) for headroom,
 #   8 first so that tokenizer training can start, then the rest in the background. `download_data(run_dir, 240)`
-#   does the same with 4 threads.
+#   does the same with 4 threads (see "Going further" below).
 # - **Loader.** On 8 ranks each rank reads every 8th row group, `device_batch_size = 32` rows of `T = 2048`:
 #   32 × 2,049 tokens per rank per step, 524,288 trained tokens per step over the 8 GPUs. Tokenising 128 documents at
-#   a time with 4 threads keeps well ahead of a GPU step of ~0.5 s.
+#   a time with 4 threads keeps ahead of the GPU's step.
 # - **Packing.** With best fit nanochat reports ≈35% of tokens cropped at `T = 2048`: to *train* on 11.2B tokens it
 #   must *read* about 11.2 / 0.65 ≈ 17B, so ≈330 shards rather than 216 (computed). HEAD's data set (ClimbMix,
 #   6,543 shards) is large enough not to care.
@@ -1018,8 +908,7 @@ print("document length percentiles (10/50/90):", np.percentile(lengths, [10, 50,
 # ## Summary
 #
 # We wrote text into nanochat's shard format (parquet, one `text` column, row groups of whole documents, atomic
-# writes), prepared the stdlib as a shuffled corpus with a validation shard at the end, and downloaded shards the
-# careful way (checked, renamed into place, retried). The loader reads each rank's row groups, tokenises with BOS,
+# writes), and prepared the stdlib as a shuffled corpus with a validation shard at the end. The loader reads each rank's row groups, tokenises with BOS,
 # and packs rows by best fit or as a stream; its state is a handful of document positions from which it resumes
 # exactly.
 #
@@ -1031,6 +920,117 @@ print("document length percentiles (10/50/90):", np.percentile(lengths, [10, 50,
 #    `world_size` larger than the number of row groups in a shard?
 # 3. Make the stream loader resume *approximately*, as nanochat does (skip to the next row group), and count how many
 #    documents a resume loses.
+
+# %% [markdown]
+# ## Going further: downloading FineWeb-edu
+#
+# For the real run the shards come from Hugging Face, about 100 MB each. A download of 240 of them will meet a
+# flaky connection sooner or later, so each shard is fetched the careful way: streamed into a uniquely named temp
+# file, checked (the byte count against `Content-Length`, then the parquet footer, which sits at the very end of the
+# file, so a cut-off body cannot pass), and only then renamed to its real name. A failure deletes the temp file and
+# retries after `backoff ** attempt` seconds. Shards already complete on disk are skipped, so re-running the command
+# after an error fetches only what is missing. We always fetch the validation shard (index 1822) on top of the
+# requested train shards, so that `list_shards(..., "val")` means the same shard whatever `N` was.
+
+# %%
+#| export
+def _fetch(url, dest, timeout):
+    "Stream `url` to a temp file beside `dest`, check that it is whole, then rename it into place."
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            expected, got = r.headers.get("Content-Length"), 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+        if expected is not None and got != int(expected):
+            raise IOError(f"truncated body: got {got} of {expected} bytes")
+        pq.read_metadata(tmp)  # the footer is the last thing in the file: a cut-off download fails here
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# %%
+#| export
+def download_shards(num_shards, data_dir, base_url=FINEWEB_BASE_URL, workers=4, max_attempts=5, timeout=30,
+                    backoff=2.0, last_index=FINEWEB_NUM_SHARDS - 1, verbose=False):
+    "Download shards 0..num_shards-1 plus the validation shard `last_index`, in parallel, with retries."
+    if not 0 < num_shards <= last_index:
+        raise ValueError(f"num_shards must be in 1..{last_index} (validation shard {last_index} comes on top), "
+                         f"got {num_shards}")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    indices = list(range(num_shards)) + [last_index]
+
+    def get(index):
+        dest, error = data_dir / shard_name(index), None
+        if dest.exists():
+            try:
+                pq.read_metadata(dest)
+                return index, None  # complete: files only ever get their final name once checked
+            except Exception:
+                dest.unlink()  # not ours, or damaged later: fetch it again
+        for attempt in range(1, max_attempts + 1):
+            try:
+                _fetch(f"{base_url.rstrip('/')}/{dest.name}", dest, timeout)
+                if verbose:
+                    print(f"{dest.name}: {dest.stat().st_size / 1e6:.1f} MB", flush=True)
+                return index, None
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+                if attempt < max_attempts:
+                    time.sleep(backoff ** attempt)
+        return index, error
+
+    with ThreadPoolExecutor(workers) as pool:  # threads suffice: the work is waiting on the network
+        failed = [(i, err) for i, err in pool.map(get, indices) if err]
+    if failed:
+        lines = "\n".join(f"  {shard_name(i)}: {err}" for i, err in failed)
+        raise RuntimeError(f"{len(failed)} shard(s) failed after {max_attempts} attempts each "
+                           f"(re-run to fetch only the missing ones):\n{lines}")
+    return [data_dir / shard_name(i) for i in indices]
+
+
+# %% [markdown]
+# There is no network here, so we play Hugging Face ourselves: a local HTTP server hands out the shards we just
+# wrote, with the last one renamed to index 1822. The tests in `tests/test_data.py` add servers that fail, time out
+# and cut bodies short.
+
+# %%
+hf = scratch / "fake_hf"
+hf.mkdir()
+for i, p in enumerate(list_shards(data_dir, "train")[:2]):
+    shutil.copy(p, hf / shard_name(i))
+shutil.copy(list_shards(data_dir, "val")[0], hf / shard_name(FINEWEB_NUM_SHARDS - 1))
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+    type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None}), directory=str(hf)))
+threading.Thread(target=server.serve_forever, daemon=True).start()
+url = f"http://127.0.0.1:{server.server_address[1]}"
+got = download_shards(2, scratch / "downloaded", base_url=url, backoff=0.01)
+test_eq([p.name for p in got], ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"])
+assert all(p.read_bytes() == (hf / p.name).read_bytes() for p in got)
+test_fail(lambda: download_shards(3, scratch / "downloaded", base_url=url, max_attempts=2, backoff=0.01),
+          contains="shard_00002.parquet: HTTPError")
+server.shutdown()
+
+
+# %% [markdown]
+# The command line's `nanochat-nb data download --shards N` calls this wrapper, which downloads into `run_dir/data`
+# and reports what it did.
+
+# %%
+#| export
+def download_data(run_dir, num_shards, **kwargs):
+    "Download FineWeb-edu shards into `run_dir/data`; return printable stats (the CLI's `data download`)."
+    data_dir = Path(run_dir) / "data"
+    t0 = time.time()
+    before = {p.name for p in data_dir.glob("shard_*.parquet")} if data_dir.is_dir() else set()
+    paths = download_shards(num_shards, data_dir, **kwargs)
+    return {"data_dir": str(data_dir), "train_shards": num_shards, "val_shard": paths[-1].name,
+            "downloaded": sum(p.name not in before for p in paths), "skipped": sum(p.name in before for p in paths),
+            "GB": round(sum(p.stat().st_size for p in paths) / 1e9, 3), "seconds": round(time.time() - t0, 1)}
+
 
 # %%
 #| hide

@@ -55,6 +55,7 @@ try:
 except ImportError:
     fcntl = None
 
+from nanochat_nb.common import atomic_write
 from nanochat_nb.model import GPTConfig, build_model
 from nanochat_nb.tokenizer import Tokenizer
 
@@ -69,6 +70,9 @@ from unittest import mock
 import matplotlib.pyplot as plt
 import torch.nn.functional as F
 from fastcore.test import test_eq, test_fail
+from IPython.display import Markdown, display
+
+from nanochat_nb.common import AT_SCALE
 
 # %% [markdown]
 # ## Where a run keeps its checkpoints
@@ -149,7 +153,6 @@ try:
 except Exception as e:
     print("and now the old file is gone too:", type(e).__name__, str(e)[:80])
 
-
 # %% [markdown]
 # Both the new state and the old one are lost. The fix is old and simple, the same one databases and editors use:
 #
@@ -165,70 +168,12 @@ except Exception as e:
 # old, whole file. Temp names start with a dot and end in `.tmp`, so nothing that looks for checkpoints mistakes them
 # for one.
 
-# %%
-#| export
-def _fsync_dir(path):
-    "Flush a directory entry (a rename) to disk; skipped where directories cannot be opened (Windows)."
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a directory; the rename is still atomic there
-    finally:
-        os.close(fd)
-
-
 # %% [markdown]
-# One more detail: when the disk fills up in the middle of a `torch.save`, PyTorch reports it as a bare
-# `RuntimeError: [enforce fail at inline_container.cc:672]`, which never says that the disk is full. So the file
-# handed to `write_fn` is wrapped in a small recorder that keeps the operating system's own error, and that error is
-# what `atomic_write` raises, with the final file name attached.
-
-# %%
-#| export
-class _RecordingFile:
-    "A file wrapper that keeps the OSError of a failed write (torch.save hides a full disk behind a RuntimeError)."
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-def atomic_write(path, write_fn):
-    "Write `path` by `write_fn(file)` into a temp file beside it, fsync it, then rename it onto `path`."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            out = _RecordingFile(f)
-            try:
-                write_fn(out)
-            except Exception as e:
-                if out.error is None or out.error is e:
-                    raise
-                raise out.error from e  # the disk's own error (ENOSPC, EFBIG, ...), not torch's wrapper of it
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before any name points at them
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp)):
-            raise OSError(e.errno, e.strerror, str(path)) from e  # name the file the caller asked for
-        raise
-    _fsync_dir(path.parent)
-
+# That helper is `atomic_write`, in the common module (chapter 00), because the tokenizer and the data shards need it
+# as much as checkpoints do. It also unwraps one PyTorch quirk: a full disk in the middle of a `torch.save` surfaces as
+# a bare `RuntimeError: [enforce fail at inline_container.cc:672]`, so `atomic_write` keeps the operating system's own
+# error and raises that, with the final file name attached. It is re-exported here, so
+# `from nanochat_nb.checkpoint import atomic_write` keeps working.
 
 # %% [markdown]
 # The same injected failure, now through `atomic_write`: the save still fails, but yesterday's file is untouched and no
@@ -247,6 +192,8 @@ print(sorted(p.name for p in tmp.iterdir()))
 # that into its `RuntimeError`; the recorder still has the disk's own words.
 
 # %%
+from nanochat_nb.common import _RecordingFile
+
 if Path("/dev/full").exists():
     with open("/dev/full", "wb", buffering=0) as f:
         out = _RecordingFile(f)
@@ -652,9 +599,8 @@ for k, during in enumerate(["optim_000002_rank0.pt", "model_000002.pt", "meta_00
         test_eq(step, 1)
         for name in names:  # a file of step 2 under its final name is a whole one, written before the crash
             torch.load(ckpt_dir / name, weights_only=True)
-print(f"{'crash during':24s} {'files of step 2 on disk':60s} latest_step")
-for during, names, step in rows:
-    print(f"{during:24s} {names:60s} {step}")
+display(Markdown("\n".join(["| crash during | files of step 2 on disk | latest_step |", "|---|---|---|"] +
+                            [f"| {during} | {names or '(none)'} | {step} |" for during, names, step in rows])))
 test_eq(rows[-1][2], 2)
 
 # %% [markdown]
@@ -662,6 +608,7 @@ test_eq(rows[-1][2], 2)
 # final name. Until the last tick, the meta rename, the step does not exist; from that instant on it is complete.
 
 # %%
+#| fig-alt: "Timeline of one save: a bar per file from its temp write to its rename, the meta file last; before its rename a crash leaves step 1 as the latest."
 events = []
 
 
@@ -705,54 +652,6 @@ print("ms per file:", [round(b - a, 1) for a, b in ms])
 # SIGKILLed while the temp file is still growing; step 1 then loads as before.
 
 # %% [markdown]
-# ## The error messages
-#
-# Every failure names the file and says what to do. Here they are, one per way a checkpoint goes wrong.
-
-# %%
-def show(fn):
-    "Call fn and print the error it raises."
-    try:
-        fn()
-    except (CheckpointError, ValueError) as e:
-        print(f"{type(e).__name__}: {e}\n")
-    else:
-        raise AssertionError("expected an error")
-
-
-bad = tmp / "bad" / "checkpoints" / "base"
-shutil.copytree(ckpt_dir, bad)
-data = (bad / "model_000002.pt").read_bytes()
-(bad / "model_000002.pt").write_bytes(data[: len(data) // 3])      # truncated, e.g. by a failed copy
-show(lambda: load_checkpoint(bad))
-show(lambda: load_checkpoint(bad, step=7))
-show(lambda: load_checkpoint(bad, step=1, load_optimizer=True, rank=3))
-show(lambda: load_checkpoint(tmp / "empty"))
-show(lambda: save_checkpoint(bad, 3, state2, None, {**meta, "val_bpb": torch.tensor(3.2)}))
-show(lambda: checkpoint_dir(run_dir, "chat"))
-test_eq(latest_step(bad), 2)  # the refused save wrote nothing
-assert not list(bad.glob("*000003*"))
-
-# %% [markdown]
-# A meta from a wider model next to these weights, and a tokenizer with another vocabulary:
-
-# %%
-wide = tmp / "wide"
-save_checkpoint(checkpoint_dir(wide), 1, model.state_dict(), None, {"model_config": {**vars(config), "n_embd": 128,
-                                                                                      "n_layer": 3}})
-show(lambda: load_model(wide))
-
-
-class OtherTokenizer:
-    vocab_size = 512
-
-
-show(lambda: load_model(run_dir, tokenizer=OtherTokenizer()))
-test_fail(lambda: load_model(wide), contains="shape mismatch")
-test_fail(lambda: load_model(run_dir, tokenizer=OtherTokenizer()), contains="vocab_size 256")
-
-
-# %% [markdown]
 # ## Keeping the disk in check
 #
 # With `save_every` set, a long run writes many checkpoints; at d20 each one is several gigabytes (below).
@@ -790,6 +689,55 @@ def prune_checkpoints(ckpt_dir, keep=2, remove_temps=True):
 test_eq(prune_checkpoints(ckpt_dir, keep=1), [1])
 print(sorted(p.name for p in ckpt_dir.iterdir()))
 test_eq(latest_step(ckpt_dir), 2)
+
+
+# %% [markdown]
+# ## Going further: the error messages
+#
+# Every failure names the file and says what to do. Here they are, one per way a checkpoint goes wrong: a gallery
+# to come back to when one of them appears in a real run.
+
+# %%
+def show(fn):
+    "Call fn and print the error it raises."
+    try:
+        fn()
+    except (CheckpointError, ValueError) as e:
+        print(f"{type(e).__name__}: {e}\n")
+    else:
+        raise AssertionError("expected an error")
+
+
+bad = tmp / "bad" / "checkpoints" / "base"
+shutil.copytree(ckpt_dir, bad)
+data = (bad / "model_000002.pt").read_bytes()
+(bad / "model_000002.pt").write_bytes(data[: len(data) // 3])      # truncated, e.g. by a failed copy
+show(lambda: load_checkpoint(bad))
+show(lambda: load_checkpoint(bad, step=7))
+show(lambda: load_checkpoint(bad, step=2, load_optimizer=True, rank=3))
+show(lambda: load_checkpoint(tmp / "empty"))
+show(lambda: save_checkpoint(bad, 3, state2, None, {**meta, "val_bpb": torch.tensor(3.2)}))
+show(lambda: checkpoint_dir(run_dir, "chat"))
+test_eq(latest_step(bad), 2)  # the refused save wrote nothing
+assert not list(bad.glob("*000003*"))
+
+# %% [markdown]
+# A meta from a wider model next to these weights, and a tokenizer with another vocabulary:
+
+# %%
+wide = tmp / "wide"
+save_checkpoint(checkpoint_dir(wide), 1, model.state_dict(), None, {"model_config": {**vars(config), "n_embd": 128,
+                                                                                      "n_layer": 3}})
+show(lambda: load_model(wide))
+
+
+class OtherTokenizer:
+    vocab_size = 512
+
+
+show(lambda: load_model(run_dir, tokenizer=OtherTokenizer()))
+test_fail(lambda: load_model(wide), contains="shape mismatch")
+test_fail(lambda: load_model(run_dir, tokenizer=OtherTokenizer()), contains="vocab_size 256")
 
 
 # %% [markdown]
@@ -1061,6 +1009,7 @@ test_fail(lambda: checkpoint_part({}, "optimizers", "optim_000002_rank0.pt", lis
 # eighth. The tiny model above checks the byte count: its file is its weights plus a small zip overhead.
 
 # %%
+#| fig-alt: "Model file, per-rank optimizer shard and whole checkpoint size in GB against depth, with d20 marked."
 n_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
 file_bytes = (ckpt_dir / "model_000002.pt").stat().st_size
 print(f"tiny model: weights {n_bytes:,} bytes, file {file_bytes:,} bytes")
@@ -1088,6 +1037,7 @@ ax.legend()
 plt.show()
 m20, o20 = checkpoint_gb(20)
 print(f"d20: model {m20:.2f} GB, optimizer {o20:.2f} GB per rank, {m20 + 8 * o20:.2f} GB per checkpoint")
+test_eq((f"{m20:.1f} GB", f"{o20:.2f} GB"), (AT_SCALE["model file"][0], AT_SCALE["optimizer state per GPU"][0]))
 
 # %% [markdown]
 # So a d20 checkpoint is about 4.7 GB (computed), and the model file alone is about 2.1 GB. What that means in
@@ -1130,5 +1080,7 @@ shutil.rmtree(tmp)
 # 1. On Linux, run one `save_checkpoint` under `strace -f -e trace=openat,write,fsync,rename` and find the order of the
 #    system calls. Which `fsync` could you drop if you only cared about process crashes and not power cuts?
 # 2. Change `prune_checkpoints` so that it also keeps the step with the lowest `val_bpb` in its meta.
-# 3. Write `reshard(ckpt_dir, step, new_world_size)` for a plain (unsharded) AdamW state: what would it need to know
-#    about how the sharded optimizers cut their state?
+# 3. Write `reshard(ckpt_dir, step, new_world_size)` that rewrites the optimizer files of a save for another number
+#    of ranks. `DistAdamW` cuts its state along dim 0 (concatenate the slices, cut again); `DistMuon` keeps whole
+#    matrices, owned block-cyclically (chapter 03 draws both). Try it on the two-rank save that
+#    `tests/test_checkpoint.py` makes, resharded to one rank.

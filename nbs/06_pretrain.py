@@ -445,6 +445,60 @@ class RankedBatches:
 
 
 # %% [markdown]
+# ## The pieces every stage shares
+#
+# Pretraining is the first of four training stages (base, mid, SFT, RL), and the later ones differ only in their
+# data, their loss and their schedule. Two pieces of the loop are the same in all of them, so they live here as
+# functions the later chapters import: the optimizer step (clip the rank-averaged gradient, refuse a non-finite loss,
+# set every group's learning rate and Muon's momentum from the schedule, step, clear the gradients), and putting a
+# checkpoint's optimizer shards back with a clear error when they do not fit.
+
+# %%
+#| export
+def optimizer_step(model, optimizers, loss, lrm, momentum, grad_clip=1.0, step=0, ckpt_dir=None):
+    "Clip, check, schedule and step `[adamw, muon]` on the accumulated gradients; returns (mean loss, grad norm)."
+    grad_norm = clip_gradients(model, grad_clip) if grad_clip > 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    loss = loss.item()
+    check_finite(step, ckpt_dir, loss=loss, grad_norm=grad_norm)  # the same on every rank: all stop
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in optimizers[1].param_groups:
+        group["momentum"] = momentum
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def restore_optimizers(optimizers, optim_state, optim_path):
+    "Load a checkpoint's optimizer states (this rank's shards) into `optimizers`, or fail naming the file."
+    optim_states = checkpoint_part(optim_state, "optimizers", optim_path, list)
+    try:
+        if len(optim_states) != len(optimizers):
+            raise ValueError(f"it holds {len(optim_states)} optimizer states, this run has {len(optimizers)}")
+        for opt, state in zip(optimizers, optim_states):
+            opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{optim_path} does not fit this run's optimizers ({type(e).__name__}: {e}); "
+                              "fix: resume from another step, or start over with --overwrite") from e
+
+
+# %%
+_m = GPT(GPTConfig(sequence_len=8, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+_m.init_weights()
+_opts = setup_optimizers(_m, distributed=False)
+_x = torch.randint(0, 64, (2, 8))
+_loss = _m(_x, _x)
+_loss.backward()
+_l, _g = optimizer_step(_m, _opts, _loss.detach(), lrm=0.5, momentum=0.9)
+assert _l == _loss.item() and _g > 0 and all(p.grad is None for p in _m.parameters())
+assert all(g["lr"] == g["initial_lr"] * 0.5 for o in _opts for g in o.param_groups)
+
+
+# %% [markdown]
 # ## The loop
 #
 # `pretrain` is nanochat's `base_train`, step for step:
@@ -564,15 +618,7 @@ def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
         data_states = checkpoint_part(meta, "dataloader_state", meta_path, list)[rank]
         _check_state(model.state_dict(), model_state, model_path)
         model.load_state_dict(model_state, strict=True)
-        optim_states = checkpoint_part(optim_state, "optimizers", optim_path, list)
-        try:
-            if len(optim_states) != len(optimizers):
-                raise ValueError(f"it holds {len(optim_states)} optimizer states, this run has {len(optimizers)}")
-            for opt, state in zip(optimizers, optim_states):
-                opt.load_state_dict(state)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"{optim_path} does not fit this run's optimizers ({type(e).__name__}: {e}); "
-                                  "fix: resume from another step, or start over with --overwrite") from e
+        restore_optimizers(optimizers, optim_state, optim_path)
         if meta.get("num_iterations", num_iterations) != num_iterations:
             say(f"note: the checkpoint was trained toward {meta['num_iterations']} steps; the learning-rate "
                 f"schedule now aims at {num_iterations}")
@@ -674,20 +720,9 @@ def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
             (loss / accum).backward()
             batches.consumed(token)
             x, y, token = next(batches)   # prefetch while the GPU works
-        grad_norm = clip_gradients(model, config.grad_clip) if config.grad_clip > 0 else None
-        if world > 1:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        train_loss = train_loss.item() / accum
-        check_finite(step, ckpt_dir, loss=train_loss, grad_norm=grad_norm)  # the same on every rank: all stop
         lrm = lr_multiplier(step, num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        train_loss, grad_norm = optimizer_step(model, optimizers, train_loss / accum, lrm, muon_momentum(step),
+                                               config.grad_clip, step, ckpt_dir)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

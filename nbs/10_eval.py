@@ -70,31 +70,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fastcore.test import test_close, test_eq, test_fail
 
-from nanochat_nb.data import prepare_data
-from nanochat_nb.pretrain import make_config, pretrain
-from nanochat_nb.tokenizer import train_tokenizer
+from nanochat_nb.engine import demo_run
 
 # %% [markdown]
 # ## A model to evaluate
 #
 # Point `run_dir` at a run that `make speedrun` finished (for example `"../runs/speedrun"`) to evaluate its
-# checkpoint. Left at `None`, the chapter trains a tiny model in a temporary folder, as chapter 07 does: two layers
-# that have read a little of the standard library. Its scores will be near chance on anything but Python, which is
+# checkpoint. Left at `None`, the chapter trains chapter 07's tiny model (`demo_run`) in a temporary folder: two
+# layers that have read a little of the standard library. Its scores will be near chance on anything but Python, which is
 # what we want here: this chapter is about measuring, and a number near chance is a fine thing to measure.
 
 # %%
 run_dir = None  # a run with a base checkpoint and its data (its metrics/eval.jsonl gets our results); None: train one
-demo_steps = 40
 
 # %%
-if run_dir is None:
-    run_dir = Path(tempfile.mkdtemp(prefix="eval_demo_"))
-    train_tokenizer(run_dir, vocab_size=2048, max_chars=3_000_000)
-    prepare_data(run_dir, max_docs=300)
-    pretrain(run_dir, make_config("micro", depth=2, sequence_len=128, num_iterations=demo_steps, eval_every=-1,
-                                  eval_tokens=4096, sample_every=-1, save_every=-1, total_batch_size=1024),
-             log=lambda *a: None)
-run_dir = Path(run_dir)
+run_dir = Path(run_dir) if run_dir is not None else demo_run()  # chapter 07's tiny model, trained in seconds
 model, tokenizer, meta = load_for_inference(run_dir, "base", device="cpu")
 print(f"{model.num_params():,} parameters, stage {meta['stage']}, step {meta['step']}")
 
@@ -1212,19 +1202,23 @@ print(format_table(read_records(run_dir / "metrics" / "eval.jsonl")[-6:]))
 # %% [markdown]
 # ## How fast
 #
-# `bench/eval.py` measures a `micro`-sized model (depth 4, vocabulary 4,096, random weights) on 2 CPU cores:
-# categorical questions per second one at a time and batched, CORE items per second likewise, and generative
-# problems per second with and without the stop at the answer. `docs/benchmarks.md` records the numbers.
+# `bench/eval.py` measures a `micro`-sized model (depth 4, vocabulary 4,096, random weights) on a CPU: categorical
+# questions and CORE items per second, one per forward pass and batched, and generative problems per second. On
+# these 2 shared cores, one thread: 72 questions/s one at a time and 102 batched; 71 CORE items/s and 122 batched;
+# 6.9 generative problems/s at 64 tokens each (about 440 tokens/s). So a reply that runs to the 512-token limit costs
+# about 1.2 s, and one that ends 60 tokens in, at `<|assistant_end|>` or at the stop after its answer, about 0.14 s:
+# a few dozen synthetic problems take seconds. `docs/benchmarks.md` records the numbers and how they were taken.
 #
 # ## At scale
 #
-# On 8×H100, nanochat evaluates CORE on all of the bundle's items (about 90,000, most of them multiple choice)
-# after base training, and on 500 per task every 2,000 steps during it; a d20 model takes a few minutes. The chat
-# evaluations after midtraining and SFT run ARC-Easy, ARC-Challenge, MMLU (14,042 questions, batched 8 at a time),
-# GSM8K (1,319 problems, up to 512 tokens each), HumanEval (164, its programs in the sandbox) and SpellingBee (256).
-# The d20 run's report card: CORE 0.2219 for the base model; after SFT ARC-Easy 0.3876, ARC-Challenge 0.2807,
-# MMLU 0.3151, GSM8K 0.0455, HumanEval 0.0854, ChatCORE 0.0884. `torchrun` splits every one of these over the 8 GPUs
-# by striding, as here; and with a model that stops on its own, stopping at the answer saves little there.
+# On 8×H100 nanochat runs CORE on every item of the real bundle after base training, and on 500 items per task every
+# 2,000 steps during it (`max_per_task`); its chat evaluations after midtraining and SFT run ARC-Easy, ARC-Challenge,
+# MMLU (14,042 questions, 8 per forward pass), GSM8K (1,319 problems, up to 512 new tokens each), HumanEval (164
+# programs in the sandbox) and SpellingBee (256). The d20 run's report card: CORE 0.2219 for the base model; after SFT
+# ARC-Easy 0.3876, ARC-Challenge 0.2807, MMLU 0.3151, GSM8K 0.0455, HumanEval 0.0854, ChatCORE 0.0884. `torchrun`
+# splits every one of these over the 8 GPUs by striding, as here, and the forward passes run in bfloat16. On a GPU,
+# packing many CORE items into one forward pass matters more than on a CPU: one item's 2 to 4 short rows leave most
+# of an H100 idle. GPT-2 (1.5B) scores CORE 0.2565, the target of nanochat's time-to-GPT-2 leaderboard.
 #
 # ## Summary
 #
@@ -1244,4 +1238,5 @@ print(format_table(read_records(run_dir / "metrics" / "eval.jsonl")[-6:]))
 #    `write_core_bundle`, and see whether a longer-trained model's centered accuracy rises above 0.
 # 2. CORE's multiple-choice rule uses the *mean* loss over a choice's tokens. Change it to the sum and evaluate the
 #    demo bundle again: which choices win now, and why does length matter?
-# 3. Run `evaluate_chat_task` on arithmetic with `num_samples=8, temperature=1.0` and plot pass@k for k = 1..8.
+# 3. Sample 8 replies per arithmetic problem at temperature 1.0 (`sample_replies`), count the right ones per problem
+#    and plot the mean of `pass_at_k` for k = 1..8. How does the curve change with the temperature?

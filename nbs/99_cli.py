@@ -35,7 +35,6 @@
 # | `metrics/<stage>.jsonl` | every training stage, one line per step |
 # | `metrics/eval.jsonl` | `nanochat-nb eval`, one line per result |
 # | `cache/eval_bundle/` | `nanochat-nb eval core`, downloaded once |
-# | `report/` | the report card (chapter 14) |
 
 # %%
 #| default_exp cli
@@ -114,6 +113,18 @@ def _pretrain(args):
     summary = pretrain(args.run_dir, make_config(args.preset, **overrides), resume=args.resume,
                        overwrite=args.overwrite, allow_data_change=args.allow_data_change,
                        allow_tokenizer_change=args.allow_tokenizer_change)
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def _chat_stage(args):
+    "midtrain or sft: the stage's presets and settings from chapters 11 and 12."
+    import importlib
+    from nanochat_nb.midtrain import ChatTrainConfig, make_chat_config
+    module = importlib.import_module(f"nanochat_nb.{args.command}")
+    overrides = {f.name: getattr(args, f.name) for f in fields(ChatTrainConfig) if getattr(args, f.name) is not None}
+    train = getattr(module, args.command)
+    summary = train(args.run_dir, make_chat_config(module.PRESETS, args.preset, **overrides), resume=args.resume,
+                    overwrite=args.overwrite)
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
@@ -219,6 +230,16 @@ def build_parser():
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_pretrain)
 
+    from nanochat_nb.midtrain import ChatTrainConfig
+    for name, chapter in (("midtrain", 11), ("sft", 12)):
+        p = stages.add_parser(name, parents=[common], help=f"{name} from the previous stage (chapter {chapter}); "
+                              "works under torchrun")
+        p.add_argument("--preset", choices=["micro", "d20", "d26"], default=None, help="a starting point")
+        p.add_argument("--resume", action="store_true", help=f"continue from the latest {name} checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="delete this stage's checkpoints and metrics first")
+        _add_config_options(p, ChatTrainConfig)
+        p.set_defaults(func=_chat_stage)
+
     p = stages.add_parser("chat", parents=[common], help="chat with the model in the terminal (chapter 08)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = always the likeliest token (%(default)s)")
@@ -313,3 +334,59 @@ for argv in (["tokenizer", "train", "--help"], ["pretrain", "--help"]):
         main(argv)
     assert "--run-dir" in out.getvalue()
 print(out.getvalue()[:600])
+
+# %% [markdown]
+# ## A tour
+#
+# The whole pipeline's first stages, as a reader would type them, on a throwaway run directory: a small tokenizer,
+# its evaluation, the default corpus as shards, and a few pretraining steps. Each line below is a real process
+# (`python -m nanochat_nb.cli` is what the `nanochat-nb` script runs), and its output is shown as it came.
+
+# %%
+import subprocess, tempfile
+
+tour_dir = Path(tempfile.mkdtemp(prefix="nanochat-nb-tour-"))
+
+
+def nanochat_nb(*args, tail=12):
+    "Run `nanochat-nb ARGS` in a fresh process on the tour's run directory and show the end of its output."
+    argv = [*args, "--run-dir", str(tour_dir)]
+    print("$ nanochat-nb " + " ".join(args) + " --run-dir $RUN")
+    done = subprocess.run([sys.executable, "-m", "nanochat_nb.cli", *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    print("\n".join((done.stdout + done.stderr).strip().splitlines()[-tail:]), "\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+nanochat_nb("tokenizer", "train", "--vocab-size", "512", "--max-chars", "2000000")
+out = nanochat_nb("tokenizer", "eval", tail=14)
+assert "| news |" in out
+
+# %%
+nanochat_nb("data", "prepare", tail=8)
+out = nanochat_nb("pretrain", "--preset", "micro", "--num-iterations", "6", tail=6)
+assert (tour_dir / "checkpoints" / "base").is_dir()
+print(sorted(p.relative_to(tour_dir).as_posix() for p in tour_dir.rglob("*") if p.is_file())[:12])
+
+# %%
+import shutil
+
+shutil.rmtree(tour_dir, ignore_errors=True)
+
+# %% [markdown]
+# ## Summary
+#
+# `nanochat-nb` is a thin layer: `build_parser` maps each subcommand to a handler that calls the chapter's own
+# function on one run directory, so a run can move between the notebook, the terminal and `torchrun` without
+# changing what it computes. Every artefact lands under `--run-dir`, and a stage finds what the previous one wrote
+# there.
+#
+# **Exercises**
+#
+# 1. Run `nanochat-nb pretrain --preset micro --num-iterations 6 --run-dir $RUN` twice, the second time with
+#    `--resume`. What does the second run print, and why does it not train again?
+# 2. Add a `tokenizer show` subcommand that prints the 20 longest tokens of a run's tokenizer: a handler of three
+#    lines and one `add_parser` call.
+# 3. Point `data prepare --source` at a folder of your own `.txt` files and retrain the tokenizer on it: does its
+#    `tokenizer eval` table change where you expect?

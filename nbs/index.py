@@ -35,17 +35,60 @@
 # %% [markdown]
 # ## The pipeline
 #
-# | stage | chapter | what it makes |
-# |---|---|---|
-# | tokenizer | 01 | a byte-level BPE vocabulary, trained with rustbpe, served by tiktoken |
-# | model | 02 | nanochat's GPT: rotary embeddings, QK norm, ReLU², untied embeddings, a KV cache |
-# | optimizer | 03 | Muon for matrices, AdamW for embeddings, sharded across processes |
-# | data | 04 | parquet shards and a streaming, exactly resumable, packing loader |
-# | checkpoints | 05 | atomic save and load of model, optimizer shards and loader state |
-# | pretraining | 06 | the base training loop, on one process or many under `torchrun` |
-# | … | 07–14 | inference engine, chat, tasks, evaluation, midtraining, SFT, RL, report |
-#
-# Dependencies only point down this table: a chapter uses what earlier chapters built, never what later ones do.
+# Each stage reads what the one before it wrote into a run directory (`run_dir`) and adds its own artefact. The figure
+# and the table below are built from the chapters that exist in this checkout, so they never point at a chapter that
+# has not been written yet.
+
+# %%
+#| echo: false
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+nbs = Path.cwd() if (Path.cwd() / "index.ipynb").exists() else Path("nbs")
+chapters = {p.stem: p.name for p in sorted(nbs.glob("[0-9]*.ipynb"))}
+# (stage, artefact it writes under run_dir, chapter that builds it)
+pipeline = [("tokenizer", "tokenizer/", "01_tokenizer"), ("data", "data/shard_*.parquet", "04_data"),
+            ("pretrain", "checkpoints/base/", "06_pretrain"), ("midtrain", "checkpoints/mid/", "11_midtrain"),
+            ("SFT", "checkpoints/sft/", "12_sft"), ("RL", "checkpoints/rl/", "13_rl"),
+            ("eval", "bpb, CORE, ChatCORE", "10_eval"), ("chat", "terminal and web chat", "08_chat")]
+stages = [st for st in pipeline if st[2] in chapters]
+
+# %%
+#| fig-alt: "The pipeline as a row of boxes joined by arrows; each box names a stage, the chapter that builds it and the artefact it writes."
+fig, ax = plt.subplots(figsize=(2.1 * len(stages), 2.2))
+for i, (stage, artefact, chapter) in enumerate(stages):
+    ax.add_patch(plt.Rectangle((i * 2.1, 0), 1.8, 1.2, facecolor="#dbe8f6", edgecolor="#2a5a8a"))
+    ax.text(i * 2.1 + 0.9, 0.8, stage, ha="center", va="center", fontsize=11, weight="bold")
+    ax.text(i * 2.1 + 0.9, 0.42, f"ch. {chapter.split('_')[0]}", ha="center", va="center", fontsize=9)
+    ax.text(i * 2.1 + 0.9, -0.3, artefact, ha="center", va="center", fontsize=8, family="monospace", wrap=True)
+    if i:
+        ax.annotate("", xy=(i * 2.1, 0.6), xytext=(i * 2.1 - 0.3, 0.6), arrowprops=dict(arrowstyle="->"))
+ax.set_xlim(-0.2, 2.1 * len(stages)), ax.set_ylim(-0.7, 1.4), ax.axis("off")
+ax.set_title("The nanochat pipeline: stage, chapter, and what it writes into run_dir")
+plt.show()
+
+
+# %% [markdown]
+# The model, the optimizer and checkpoints (chapters 02, 03, 05) are the parts the training stages share; the
+# engine (07) generates text for evaluation and chat. Every chapter in this checkout:
+
+# %%
+#| echo: false
+def title(name):
+    "The `# Title` line of a chapter's .py twin."
+    for line in (nbs / f"{name}.py").read_text(encoding="utf-8").splitlines():
+        if line.startswith("# # "):
+            return line[4:]
+    return name
+
+display(Markdown("\n".join(["| chapter | title |", "|---|---|"] +
+                            [f"| {n.split('_')[0]} | [{title(n)}]({f}) |" for n, f in chapters.items()])))
+
+# %% [markdown]
+# Dependencies only point down the book order: a chapter uses what earlier chapters built, never what later ones do
+# (the command line, chapter 99, sits on top of them all).
 
 # %% [markdown]
 # ## How to read it

@@ -2,7 +2,8 @@
 a loopback server (checksum, truncation, atomic unpacking), categorical and generative chat evaluation, pass@k,
 bits per byte against training's own number, eval.jsonl under concurrent writers, the command line end to end, and
 two torchrun processes against one."""
-import http.server, itertools, json, math, multiprocessing, os, random, shutil, subprocess, sys, threading
+import hashlib, http.server, itertools, math, multiprocessing, os, random, shutil, subprocess, sys, threading
+import zipfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,12 +12,14 @@ import pytest
 import torch
 
 from nanochat_nb.cli import main
+from nanochat_nb.data import prepare_data
 from nanochat_nb.engine import Engine, ScriptedModel, load_for_inference
 from nanochat_nb.eval import (BundleError, append_records, core_prompts, demo_core_tasks, eval_record,
                               evaluate_chat_task, evaluate_core, fetch_core_bundle, format_table, item_sequences,
                               judge, letter_ids, load_core_tasks, pass_at_k, predict_letter, predict_letters,
                               read_records, run_eval, sample_replies, answer_stop, score_item, score_items, val_bpb,
                               write_core_bundle, zip_core_bundle)
+from nanochat_nb.pretrain import make_config, pretrain
 from nanochat_nb.tasks import load_task
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -209,7 +212,6 @@ def test_a_malformed_bundle_is_named(tmp_path):
 # --- CORE: the download path
 
 def test_bundle_download_is_checked_and_unpacked_atomically(server, bundle_zip, tmp_path):
-    import hashlib
     cache, sha = tmp_path / "cache", hashlib.sha256(bundle_zip.read_bytes()).hexdigest()
     leftovers = lambda: sorted(p.name for p in cache.iterdir()) if cache.exists() else []
     cases = [("ok", "0" * 64, "expected 0000"), ("truncated", None, "stopped after"),
@@ -227,7 +229,6 @@ def test_bundle_download_is_checked_and_unpacked_atomically(server, bundle_zip, 
 
 
 def test_a_zip_that_is_not_a_bundle_leaves_nothing(tmp_path):
-    import zipfile
     with zipfile.ZipFile(tmp_path / "eval_bundle.zip", "w") as z:
         z.writestr("eval_bundle/core.yaml", "icl_tasks:\n- {label: a, dataset_uri: a.jsonl, num_fewshot: [0], "
                    "icl_task_type: schema}\n")  # no eval_meta_data.csv, no items
@@ -301,8 +302,6 @@ def test_pass_at_k_equals_counting_subsets():
 # --- bits per byte
 
 def test_bpb_equals_the_number_training_recorded(tiny_run, tmp_path):
-    from nanochat_nb.data import prepare_data
-    from nanochat_nb.pretrain import make_config, pretrain
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "tokenizer", run / "tokenizer")
     prepare_data(run, max_docs=80, chars_per_shard=200_000, docs_per_row_group=8)
