@@ -227,28 +227,33 @@ for bad in (dict(num_iterations=0), dict(matrix_lr=float("nan")), dict(embedding
 # Model FLOPs utilisation (MFU) is the fraction of the hardware's peak that the training step turns into model
 # arithmetic: FLOPs per token (from `GPT.estimate_flops`) × tokens per step ÷ seconds per step ÷ peak. On a GPU the
 # peak is the datasheet's dense bf16 number (nanochat hard-codes the H100's 989 TFLOP/s). A laptop CPU has no
-# datasheet we can trust, so we *measure* it: time a large matmul in the training dtype.
+# datasheet we can trust, so we *measure* it: time matmuls of a few sizes in the training dtype and keep the fastest.
+# On a shared machine that measurement can come out low (another job had the cores), which shows up as an MFU above
+# 100%: the training loop then measures again and keeps the larger peak, so MFU stays an honest fraction. Even so, CPU
+# MFU moves by ±10 points between runs on a busy machine; compare runs measured on a quiet one.
 
 # %%
 #| export
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "4090": 165.2e12, "L40S": 362e12, "A10": 125e12}
 
 
-def peak_flops(device, dtype=torch.float32, size=1024, repeats=4, trials=5):
-    "Peak FLOP/s of one device: the datasheet on a GPU, the best of a few timed matmuls on a CPU."
+def peak_flops(device, dtype=torch.float32, sizes=(512, 1024, 2048), trials=3):
+    "Peak FLOP/s of one device: the datasheet on a GPU; on a CPU the fastest of timed matmuls of a few sizes."
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), float("nan"))
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(trials):  # the best trial: a busy machine only ever makes a matmul slower
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 * repeats / best
+    best = 0.0
+    for size in sizes:  # the best size differs between CPUs (caches, blocking), so try a few
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
+        repeats = max(1, 2**30 // size**3)  # about 2 GFLOP per trial
+        for _ in range(trials):  # a busy machine only ever makes a matmul slower: keep the fastest
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            best = max(best, 2 * size**3 * repeats / (time.perf_counter() - t0))
+    return best
 
 
 # %%
@@ -650,7 +655,8 @@ def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
     if overwrite and master:
         say(f"--overwrite: deleted {clear_checkpoints(ckpt_dir)} checkpoint file(s) and the metrics of the earlier run")
     metrics = MetricsLog(metrics_path, resume_step=step if resume else None, enabled=master, log=say)
-    peak = peak_flops(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    peak, remeasured = peak_flops(device, peak_dtype), 0
     eval_steps = max(1, config.eval_tokens // (B * T * data_world))   # per virtual rank
 
     val_cache = []
@@ -735,6 +741,9 @@ def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
         smooth = loop["smooth_train_loss"] / (1 - beta ** (step + 1))
         tok_per_s = total_batch / dt
         mfu = 100 * flops_per_token * total_batch / dt / (peak * world)
+        if mfu > 100 and device.type == "cpu" and remeasured < 3:  # the peak was measured while the cores were busy
+            peak, remeasured = max(peak, peak_flops(device, peak_dtype)), remeasured + 1
+            mfu = 100 * flops_per_token * total_batch / dt / (peak * world)
         record.update(loss=train_loss, smooth_loss=smooth, lr_mult=lrm, lr=config.matrix_lr * lrm,
                       grad_norm=grad_norm, tokens_per_s=tok_per_s, mfu=mfu, dt=dt,
                       elapsed=loop["total_training_time"])
