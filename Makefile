@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install speedrun test sync clean-run
+.PHONY: install speedrun test sync clean-run book
 
 install: $(STAMP)
 
@@ -22,14 +22,21 @@ $(STAMP): pyproject.toml
 	# as root (CI); elsewhere it says how, and the browser tests are skipped outside CI
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update && apt-get install -y chromium; } \
 		|| echo "note: no chromium; install it with: sudo apt-get install chromium (browser tests need it)"
+	# the book draws its math with Debian's KaTeX files, offline
+	test -d /usr/share/javascript/katex || { [ "$$(id -u)" = 0 ] && { apt-get install -y libjs-katex \
+		|| { apt-get update && apt-get install -y libjs-katex; }; }; } \
+		|| echo "note: no libjs-katex; install it with: sudo apt-get install libjs-katex (the book's math needs it)"
 	touch $(STAMP)
 
-# The main job: the pipeline's stages on the default offline corpus (a few minutes on 2 CPU cores).
+# The main job: speedrun.ipynb under papermill, every stage from the tokenizer to the report card (micro: minutes on
+# 2 CPU cores, offline). The executed notebook, the report and its charts land in $(RUN_DIR); running it again
+# continues where it stopped. PRESET=d20 NPROC=8 for an 8-GPU box; SPEEDRUN_ARGS for more papermill -p/-y options.
+PRESET ?= micro
+NPROC  ?= 1
 speedrun: $(STAMP)
-	nanochat-nb tokenizer train --vocab-size 4096 --run-dir $(RUN_DIR)
-	nanochat-nb tokenizer eval --run-dir $(RUN_DIR)
-	nanochat-nb data prepare --run-dir $(RUN_DIR)
-	nanochat-nb pretrain --preset micro --run-dir $(RUN_DIR) --resume  # a second run continues (or finds it done)
+	mkdir -p $(RUN_DIR)
+	papermill speedrun.ipynb $(RUN_DIR)/speedrun.ipynb -k python3 --log-output --cwd $(CURDIR) -p run_dir $(RUN_DIR) \
+		-p preset $(PRESET) -p nproc $(NPROC) $(SPEEDRUN_ARGS)
 
 # The whole test suite, in order; the first failure stops it.
 test: $(STAMP)
@@ -39,7 +46,14 @@ test: $(STAMP)
 	nbdev-test nbs --n-workers 1 --do-print
 	python -m pytest -q tests
 
+# The book with its outputs, into book/: chapters executed (cached in build/book/: a rebuild re-runs only changed ones),
+# rendered by Quarto when installed, else by Jupyter Book; then the browser test on the whole book.
+book: $(STAMP)
+	python tools/book.py
+	BOOK_DIR=book python -m pytest -q tests/test_book.py
+
 # After editing a chapter (either file of its pair): bring notebook, .py pair and package into line.
 # Two rounds: the first may reformat, the second must change nothing (CI checks exactly that).
 sync: $(STAMP)
-	for i in 1 2; do jupytext --sync -q nbs/*.ipynb && nbdev-clean && nbdev-export || exit 1; done
+	for i in 1 2; do jupytext --sync -q nbs/*.ipynb speedrun.ipynb && nbdev-clean && nbdev-clean --fname speedrun.ipynb \
+		&& nbdev-export || exit 1; done

@@ -9,6 +9,14 @@ stops; a trained one that stops at its answer is faster). Categorical questions 
 read from a local copy of the hub layout through `datasets`); CORE items are the demo bundle's. Each setting is the best
 of --repeats timed runs after a warm-up (the best, not the median: on a shared machine the slow runs are other
 people's work). The last line is one JSON object.
+
+The generative comparison (--gen-problems, default 256) answers the held-out arithmetic problems greedily with at most
+--gen-max-tokens tokens, stopping at the answer as evaluation does: one problem at a time (`sample_replies`, the path
+evaluation took before generate_many) against `sample_replies_many` with each of --gen-batch-sizes rows decoded
+together, and counts the problems whose replies are identical. --run-dir uses that run's base checkpoint (read only)
+instead of random weights; --only-generative skips the rest.
+
+    python bench/eval.py --threads 1 --run-dir runs/speedrun --only-generative
 """
 import argparse, json, sys, tempfile, time
 from pathlib import Path
@@ -20,8 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import bench_model  # noqa: E402  (the same random-weight model as the decode benchmark)
 
-from nanochat_nb.eval import (demo_core_tasks, evaluate_chat_task, load_core_tasks, predict_letter,  # noqa: E402
-                              predict_letters, score_item, score_items, write_core_bundle)
+from nanochat_nb.engine import Engine, load_for_inference  # noqa: E402
+from nanochat_nb.eval import (answer_stop, chat_task, demo_core_tasks, evaluate_chat_task, load_core_tasks,  # noqa: E402
+                              predict_letter, predict_letters, sample_replies, sample_replies_many, score_item,
+                              score_items, write_core_bundle)
 from nanochat_nb.tasks import load_task  # noqa: E402
 
 
@@ -35,6 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--problems", type=int, default=8, help="generative problems (%(default)s)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per generative reply (%(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (%(default)s)")
+    p.add_argument("--gen-problems", type=int, default=256, help="arithmetic problems, one at a time vs batched "
+                   "(%(default)s; 0 skips)")
+    p.add_argument("--gen-max-tokens", type=int, default=160, help="longest reply there (%(default)s)")
+    p.add_argument("--gen-batch-sizes", default="8,32", help="rows decoded together, comma-separated (%(default)s)")
+    p.add_argument("--run-dir", type=Path, default=None, help="use this run's base checkpoint (default: random weights)")
+    p.add_argument("--only-generative", action="store_true", help="only the one-at-a-time vs batched comparison")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     return p.parse_args(argv)
@@ -65,15 +81,47 @@ def rate(n, fn, repeats=3):
     return round(n / best, 1)
 
 
+def generative_comparison(model, tokenizer, args, out):
+    "Problems/s answering arithmetic greedily one at a time, then batched; how many replies are identical."
+    task = chat_task("arithmetic")  # evaluation's 256 held-out problems
+    prompts = [tokenizer.render_for_completion(task[i]) for i in range(min(args.gen_problems, len(task)))]
+    engine, kw = Engine(model, tokenizer), dict(max_tokens=args.gen_max_tokens, temperature=0.0, stop=answer_stop(task))
+    out.update(gen_problems=len(prompts), gen_max_tokens=args.gen_max_tokens,
+               gen_prompt_lengths=len({len(p) for p in prompts}))
+    sample_replies_many(engine, prompts[:8], **kw)  # warm-up
+    t0 = time.perf_counter()
+    single = [sample_replies(engine, p, **kw) for p in prompts]
+    out["gen_one_at_a_time_problems_s"] = round(len(prompts) / (time.perf_counter() - t0), 2)
+    out["gen_reply_chars_mean"] = round(sum(len(r[0]) for r in single) / len(single), 1)
+    print(f"generative, one problem at a time:      {out['gen_one_at_a_time_problems_s']:>8,.2f} problems/s "
+          f"({len(prompts)} problems, {out['gen_prompt_lengths']} prompt lengths)")
+    for batch_size in map(int, args.gen_batch_sizes.split(",")):
+        t0 = time.perf_counter()
+        many = sample_replies_many(engine, prompts, batch_size=batch_size, **kw)
+        rate_b = out[f"gen_batch{batch_size}_problems_s"] = round(len(prompts) / (time.perf_counter() - t0), 2)
+        same = out[f"gen_batch{batch_size}_same_replies"] = sum(a == b for a, b in zip(single, many))
+        print(f"generative, {batch_size:>2} rows decoded together:   {rate_b:>8,.2f} problems/s "
+              f"({rate_b / out['gen_one_at_a_time_problems_s']:.1f}x; {same}/{len(prompts)} replies identical)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = bench_model(args.depth, args.vocab_size, device)
+    if args.run_dir is not None:  # read only; our own run, so its pickled tokenizer is trusted
+        model, tokenizer, meta = load_for_inference(args.run_dir, "base", device=device, allow_pickle=True)
+        args.depth, args.vocab_size = model.config.n_layer, model.config.vocab_size
+    else:
+        model, tokenizer = bench_model(args.depth, args.vocab_size, device)
     out = {"device": str(device), "threads": torch.get_num_threads(), "depth": args.depth,
-           "vocab_size": args.vocab_size, "params": model.num_params(), "questions": args.questions,
-           "problems": args.problems, "max_tokens": args.max_tokens}
+           "vocab_size": args.vocab_size, "params": model.num_params(), "weights": str(args.run_dir or "random"),
+           "questions": args.questions, "problems": args.problems, "max_tokens": args.max_tokens}
+    if args.gen_problems:
+        generative_comparison(model, tokenizer, args, out)
+    if args.only_generative:
+        print(json.dumps(out))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
 
     arc = list(load_task("arc-easy", "test", arc_questions(tmp / "hub", args.questions)))

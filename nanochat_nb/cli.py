@@ -23,18 +23,21 @@ def _holding(args, part):
     from nanochat_nb.checkpoint import RunLock, check_run_dir
     return RunLock(check_run_dir(args.run_dir), writes=[part], log=print)
 
-
+# %% ../nbs/99_cli.ipynb #34a668f6
 def _tokenizer_train(args):
     from nanochat_nb.tokenizer import train_tokenizer
     with _holding(args, "tokenizer"):
         stats = train_tokenizer(args.run_dir, vocab_size=args.vocab_size, max_chars=args.max_chars)
     for k, v in stats.items():
         print(f"{k}: {v}")
+    return stats
 
 
 def _tokenizer_eval(args):
     from nanochat_nb.tokenizer import eval_report
-    print(eval_report(args.run_dir))
+    text = eval_report(args.run_dir)
+    print(text)
+    return text
 
 
 def _tokenizer_convert(args):
@@ -46,7 +49,7 @@ def _tokenizer_convert(args):
     print(f"converted {directory / 'tokenizer.pkl'} to tokenizer.tiktoken + tokenizer.json "
           f"(vocab_size {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint}); the pickle can be deleted")
 
-
+# %% ../nbs/99_cli.ipynb #0225d058
 def _data_prepare(args):
     from nanochat_nb.data import prepare_data
     with _holding(args, "data"):
@@ -63,7 +66,7 @@ def _data_download(args):
     for k, v in stats.items():
         print(f"{k}: {v}")
 
-
+# %% ../nbs/99_cli.ipynb #4bf251cf
 def _pretrain(args):
     from nanochat_nb.pretrain import TrainConfig, make_config, pretrain
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
@@ -85,6 +88,14 @@ def _chat_stage(args):
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+def _rl(args):
+    "rl: chapter 13's presets and settings."
+    from nanochat_nb.rl import RLConfig, make_rl_config, rl
+    overrides = {f.name: getattr(args, f.name) for f in fields(RLConfig) if getattr(args, f.name) is not None}
+    summary = rl(args.run_dir, make_rl_config(args.preset, **overrides), resume=args.resume, overwrite=args.overwrite)
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+# %% ../nbs/99_cli.ipynb #98811af9
 def _chat(args):
     from nanochat_nb.chat import chat_cli
     chat_cli(args.run_dir, args.stage, args.step, args.prompt, args.temperature, args.top_k, args.max_tokens,
@@ -96,13 +107,59 @@ def _serve(args):
     serve(args.model or args.run_dir, args.stage, args.step, args.host, args.port, args.workers, args.device,
           args.seed)
 
-
+# %% ../nbs/99_cli.ipynb #9066aada
 def _eval(args):
     from nanochat_nb.eval import run_eval
     options = ("tasks", "max_problems", "num_samples", "max_tokens", "temperature", "top_k", "batch_size",
                "data_root", "max_per_task", "bundle_url", "bundle_sha256", "eval_tokens")
-    run_eval(args.action, args.run_dir, args.stage, args.step, args.device,
-             **{k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
+    return run_eval(args.action, args.run_dir, args.stage, args.step, args.device,
+                    **{k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
+
+
+def _report(args):
+    from nanochat_nb import report
+    if args.action == "section":
+        path = report.write_section(args.run_dir, args.section)
+        print(path or f"section {args.section!r}: its stage left nothing in {args.run_dir} yet; nothing written")
+    else:
+        print(report.reset(args.run_dir) if args.action == "reset" else report.generate(args.run_dir))
+
+# %% ../nbs/99_cli.ipynb #e91d9d10
+def _report_after(args, result):
+    "After a stage command succeeded (rank 0): write its report section (chapter 14); a failure here is only a note."
+    stage = (result[0]["stage"] if result else None) if args.command == "eval" else None
+    section = {("tokenizer", "train"): "tokenizer", ("tokenizer", "eval"): "tokenizer-eval", ("pretrain", None): "base",
+               ("midtrain", None): "mid", ("sft", None): "sft", ("rl", None): "rl"}.get(
+                   (args.command, getattr(args, "action", None)))
+    if stage in ("base", "mid", "sft", "rl"):
+        section = "base-loss" if (stage, args.action) == ("base", "bpb") else f"{stage}-eval"
+    if section is None or int(os.environ.get("RANK", "0")) != 0:
+        return
+    data = {"tokenizer": [result] if isinstance(result, dict) else None,
+            "tokenizer-eval": [result] if isinstance(result, str) else None}.get(section)
+    try:
+        from nanochat_nb.report import write_section
+        path = write_section(args.run_dir, section, data, log=print)
+        if path:
+            print(f"report section: {path}")
+    except Exception as e:  # the stage itself succeeded; the section can be written later with `report section`
+        print(f"note: report section {section!r} not written ({type(e).__name__}: {e}); "
+              f"fix: nanochat-nb report section {section} --run-dir {args.run_dir}", file=sys.stderr)
+
+# %% ../nbs/99_cli.ipynb #78976d69
+def _run_dir_arg(text):
+    "An argparse type for --run-dir: a Path, never an empty string (which would mean the current folder)."
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty --run-dir would write into the current folder; name a folder")
+    return Path(text)
+
+
+def _common_options():
+    "The parent parser every stage subcommand shares: `--run-dir`."
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run-dir", type=_run_dir_arg, default=default_run_dir(),
+                        help="where every artefact of the run lives (default: %(default)s)")
+    return common
 
 
 def _task_list(text):
@@ -112,7 +169,7 @@ def _task_list(text):
         raise argparse.ArgumentTypeError("name at least one task, e.g. --tasks arithmetic,spelling")
     return names
 
-
+# %% ../nbs/99_cli.ipynb #a4278d56
 def _add_model_options(parser):
     "--stage, --step and --device: which checkpoint of the run to load, and where (chat and serve)."
     parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
@@ -120,7 +177,7 @@ def _add_model_options(parser):
     parser.add_argument("--step", type=int, default=None, help="which step's checkpoint (default: the latest)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
 
-# %% ../nbs/99_cli.ipynb #34a668f6
+
 def _add_config_options(parser, config_cls):
     "One `--field-name` option per dataclass field, typed like its default; unset options stay None."
     for f in fields(config_cls):
@@ -128,23 +185,9 @@ def _add_config_options(parser, config_cls):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                             help=f"(default: from the preset, else {f.default!r})")
 
-
-def _run_dir_arg(text):
-    "An argparse type for --run-dir: a Path, never an empty string (which would mean the current folder)."
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty --run-dir would write into the current folder; name a folder")
-    return Path(text)
-
-
-def build_parser():
-    "The argparse parser of `nanochat-nb`."
-    from nanochat_nb.pretrain import PRESETS, TrainConfig
-    parser = argparse.ArgumentParser(prog="nanochat-nb", description="Train and chat with a nanochat, stage by stage.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run-dir", type=_run_dir_arg, default=default_run_dir(),
-                        help="where every artefact of the run lives (default: %(default)s)")
-    stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+# %% ../nbs/99_cli.ipynb #0fc3d7d3
+def _add_tokenizer_parser(stages, common):
+    "`tokenizer train|eval|convert`."
     tok = stages.add_parser("tokenizer", help="train or evaluate the BPE tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = tok.add_parser("train", parents=[common], help="train a tokenizer on the run's corpus (chapter 01)")
@@ -157,6 +200,9 @@ def build_parser():
                        "an older run's) to the text format")
     p.set_defaults(func=_tokenizer_convert)
 
+# %% ../nbs/99_cli.ipynb #16c7b3a5
+def _add_data_parser(stages, common):
+    "`data prepare|download`."
     data = stages.add_parser("data", help="prepare or download pretraining shards").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = data.add_parser("prepare", parents=[common], help="pack a corpus into parquet shards (chapter 04)")
@@ -169,6 +215,10 @@ def build_parser():
     p.add_argument("--base-url", default=None, help="mirror to download from (default: the Hugging Face dataset)")
     p.set_defaults(func=_data_download)
 
+# %% ../nbs/99_cli.ipynb #ec470d7e
+def _add_pretrain_parser(stages, common):
+    "`pretrain`, with one option per `TrainConfig` field."
+    from nanochat_nb.pretrain import PRESETS, TrainConfig
     p = stages.add_parser("pretrain", parents=[common], help="train the base model (chapter 06); works under torchrun")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a starting point for the settings")
     p.add_argument("--resume", action="store_true", help="continue from the latest base checkpoint")
@@ -181,6 +231,9 @@ def build_parser():
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_pretrain)
 
+# %% ../nbs/99_cli.ipynb #3db0cbe0
+def _add_chat_stage_parsers(stages, common):
+    "`midtrain`, `sft` and `rl`: one option per field of their config classes."
     from nanochat_nb.midtrain import ChatTrainConfig
     for name, chapter in (("midtrain", 11), ("sft", 12)):
         p = stages.add_parser(name, parents=[common], help=f"{name} from the previous stage (chapter {chapter}); "
@@ -190,7 +243,18 @@ def build_parser():
         p.add_argument("--overwrite", action="store_true", help="delete this stage's checkpoints and metrics first")
         _add_config_options(p, ChatTrainConfig)
         p.set_defaults(func=_chat_stage)
+    from nanochat_nb.rl import RLConfig
+    p = stages.add_parser("rl", parents=[common], help="reinforcement learning on arithmetic (or GSM8K) from the SFT "
+                          "model (chapter 13); works under torchrun")
+    p.add_argument("--preset", choices=["micro", "d20", "d26"], default=None, help="a starting point")
+    p.add_argument("--resume", action="store_true", help="continue from the latest rl checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete this stage's checkpoints and metrics first")
+    _add_config_options(p, RLConfig)
+    p.set_defaults(func=_rl)
 
+# %% ../nbs/99_cli.ipynb #9189b8fb
+def _add_chat_parsers(stages, common):
+    "`chat` and `serve`."
     p = stages.add_parser("chat", parents=[common], help="chat with the model in the terminal (chapter 08)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = always the likeliest token (%(default)s)")
@@ -210,6 +274,9 @@ def build_parser():
     _add_model_options(p)
     p.set_defaults(func=_serve)
 
+# %% ../nbs/99_cli.ipynb #463488f3
+def _add_eval_parser(stages, common):
+    "`eval bpb|core|chat`."
     ev = stages.add_parser("eval", help="evaluate a checkpoint: bits per byte, CORE or the chat tasks (chapter 10); "
                            "works under torchrun").add_subparsers(dest="action", required=True, metavar="ACTION")
     p = ev.add_parser("bpb", parents=[common], help="bits per byte on the run's validation shard")
@@ -238,14 +305,38 @@ def build_parser():
                    "cais/mmlu, openai/gsm8k folders) for offline runs")
     _add_model_options(p)
     p.set_defaults(func=_eval)
+
+# %% ../nbs/99_cli.ipynb #a7bcf2d0
+def _add_report_parser(stages, common):
+    "`report reset|section|generate`."
+    from nanochat_nb.report import SECTIONS
+    rep = stages.add_parser("report", help="the report card (chapter 14): reset, one section, or generate "
+                            "report/report.md").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = rep.add_parser("reset", parents=[common], help="start a report: delete old sections, write the header")
+    p.set_defaults(func=_report)
+    p = rep.add_parser("section", parents=[common], help="(re)write one stage's section from the run's files")
+    p.add_argument("section", choices=list(SECTIONS), help="which section")
+    p.set_defaults(func=_report)
+    p = rep.add_parser("generate", parents=[common], help="report/report.md with the summary table, and the charts")
+    p.set_defaults(func=_report)
+
+# %% ../nbs/99_cli.ipynb #ca897278
+def build_parser():
+    "The argparse parser of `nanochat-nb`."
+    parser = argparse.ArgumentParser(prog="nanochat-nb", description="Train and chat with a nanochat, stage by stage.")
+    common = _common_options()
+    stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_tokenizer_parser, _add_data_parser, _add_pretrain_parser, _add_chat_stage_parsers,
+                _add_chat_parsers, _add_eval_parser, _add_report_parser):
+        add(stages, common)
     return parser
 
-
+# %% ../nbs/99_cli.ipynb #29a1b295
 def main(argv=None):
     "Entry point of the `nanochat-nb` console command."
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        _report_after(args, args.func(args))
     except KeyboardInterrupt:
         sys.exit(f"nanochat-nb {args.command}: interrupted (what was saved is intact; `--resume` continues a run)")
     except Exception as e:

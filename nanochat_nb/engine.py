@@ -7,7 +7,7 @@ Docs: https://nanochat-nb.github.io/nanochat-nb/engine.html.md"""
 # %% auto #0
 __all__ = ['MAX_EXPR_CHARS', 'MAX_DEPTH', 'MAX_RESULT_BITS', 'MAX_SECONDS', 'demo_run', 'row_generators', 'sample_tokens',
            'generate_naive', 'fast_norm', 'fused_qkv', 'decode_step', 'CalculatorError', 'calculator', 'RowState',
-           'Engine', 'ScriptedModel', 'latest_stage', 'load_for_inference']
+           'Engine', 'ScriptedModel', 'prefill_rows', 'length_groups', 'latest_stage', 'load_for_inference']
 
 # %% ../nbs/07_engine.ipynb #8a2da17f
 import ast, operator, tempfile, time
@@ -75,11 +75,14 @@ def fused_qkv(model):
     return [torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]) for b in model.transformer.h]
 
 
-def decode_step(model, idx, cache, qkv):
+def decode_step(model, idx, cache, qkv, pad=None):
     "Logits (B, V) for one new token per row `idx` (B,), appended to `cache`: the model's forward for T = 1, lean."
     c, t = model.config, cache.pos
     B, H, Hk, D = idx.size(0), c.n_head, c.n_kv_head, c.head_dim
     d, cos, sin = D // 2, model.cos[t], model.sin[t]
+    if pad is not None:  # row b's first pad[b] cache slots are padding: its positions start after them
+        cos, sin = model.cos[t - pad][:, None], model.sin[t - pad][:, None]
+        hide = (torch.arange(t + 1, device=idx.device) < pad[:, None])[:, None, None]  # (B, 1, 1, t + 1)
     x = model.transformer.wte(idx)
     if not torch.is_autocast_enabled(idx.device.type):
         x = x.to(model.lm_head.weight.dtype)
@@ -91,7 +94,8 @@ def decode_step(model, idx, cache, qkv):
         keys, values = cache.kv[layer, 0], cache.kv[layer, 1]  # (B, Hk, T, D)
         keys[:, :, t], values[:, :, t] = qk[:, H:], h[:, H + Hk:]
         q = qk[:, :H].view(B, Hk, H // Hk, D)  # query heads grouped by their key/value head
-        att = (q @ keys[:, :, :t + 1].transpose(-1, -2)).mul_(D ** -0.5).softmax(dim=-1)
+        att = (q @ keys[:, :, :t + 1].transpose(-1, -2)).mul_(D ** -0.5)
+        att = (att if pad is None else att.masked_fill_(hide, float("-inf"))).softmax(dim=-1)
         x = x + F.linear((att @ values[:, :, :t + 1]).view(B, H * D), block.attn.c_proj.weight)
         x = x + F.linear(F.relu(F.linear(fast_norm(x), block.mlp.c_fc.weight)).square(), block.mlp.c_proj.weight)
     cache.pos = t + 1
@@ -185,6 +189,14 @@ def _check_sampling(tokens, num_samples, max_tokens, temperature, top_k, vocab_s
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
         raise ValueError(f"top_k must be an int >= 1, or None to keep every token, got {top_k!r}")
 
+
+def _check_room(model, prompt_len, max_tokens):
+    "max_tokens, or a ValueError if the prompt and max_tokens do not fit the model's positions."
+    if prompt_len + max_tokens > getattr(model, "rotary_seq_len", float("inf")):
+        raise ValueError(f"prompt ({prompt_len}) + max_tokens ({max_tokens}) is beyond the model's "
+                         f"{model.rotary_seq_len} positions; fix: shorten the prompt or ask for fewer tokens")
+    return max_tokens
+
 # %% ../nbs/07_engine.ipynb #77b10393
 class Engine:
     "Generate from a GPT with a KV cache: one prefill, many samples, nanochat's calculator tool."
@@ -229,10 +241,7 @@ def generate(self: Engine, tokens, num_samples=1, max_tokens=None, temperature=1
     "Stream (token column, mask column) per step for `num_samples` continuations of `tokens`; mask 1 = sampled."
     m, c = self.model, self.model.config
     _check_sampling(tokens, num_samples, max_tokens, temperature, top_k, c.vocab_size)
-    max_tokens = max_tokens or max(1, c.sequence_len - len(tokens))
-    if len(tokens) + max_tokens > getattr(m, "rotary_seq_len", float("inf")):
-        raise ValueError(f"prompt ({len(tokens)}) + max_tokens ({max_tokens}) is beyond the model's "
-                         f"{m.rotary_seq_len} positions; fix: shorten the prompt or ask for fewer tokens")
+    max_tokens = _check_room(m, len(tokens), max_tokens or max(1, c.sequence_len - len(tokens)))
     device = next(m.parameters()).device
     rngs = row_generators(seed, num_samples, device)
     prefill = KVCache(1, c.n_kv_head, len(tokens), c.head_dim, c.n_layer)
@@ -241,13 +250,20 @@ def generate(self: Engine, tokens, num_samples=1, max_tokens=None, temperature=1
     logits = logits.expand(num_samples, -1)
     qkv = fused_qkv(m) if fast and isinstance(m, GPT) else None
     rows = [RowState(tokens=list(tokens)) for _ in range(num_samples)]
+    yield from self._decode(rows, logits, rngs, cache, qkv, max_tokens, temperature, top_k)
+
+# %% ../nbs/07_engine.ipynb #48534842
+@patch
+def _decode(self: Engine, rows, logits, rngs, cache, qkv, max_tokens, temperature, top_k, pad=None):
+    "The loop: sample, take, yield the column, decode it, until every row has stopped or max_tokens are out."
     for _ in range(max_tokens):
         column, masks = self._take(rows, sample_tokens(logits, rngs, temperature, top_k).tolist())
         yield column, masks
         if all(row.stop is not None for row in rows):
             break
-        idx = torch.tensor(column, dtype=torch.long, device=device)
-        logits = decode_step(m, idx, cache, qkv) if qkv is not None else m(idx[:, None], kv_cache=cache)[:, -1]
+        idx = torch.tensor(column, dtype=torch.long, device=logits.device)
+        logits = (decode_step(self.model, idx, cache, qkv, pad) if qkv is not None
+                  else self.model(idx[:, None], kv_cache=cache)[:, -1])
 
 # %% ../nbs/07_engine.ipynb #da7ebd34
 @patch
@@ -270,20 +286,117 @@ class ScriptedModel(torch.nn.Module):
 
     def __init__(self, script, config, end_id):
         super().__init__()
-        self.script, self.config, self.end_id = list(script), config, end_id
+        self.scripts = script if isinstance(script, dict) else None  # {prompt as a tuple: its script}, or one script
+        self.script, self.config, self.end_id = [] if self.scripts else list(script), config, end_id
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # so the engine can find a device
-        self.fed = 0  # tokens fed after the prompt: the script position
+        self.fed, self.prompts, self.decoding = 0, [], False  # fed: tokens after the prompt, the script position
 
     def forward(self, idx, kv_cache=None):
-        "One-hot logits (B, T, V) for the next scripted token at every position."
+        "One-hot logits (B, T, V) for the next scripted token at every position (row r: its prompt's script)."
         B, T = idx.shape
+        prompts = self.prompts  # the rows: each prompt's samples side by side
         if kv_cache is not None:
-            self.fed = 0 if kv_cache.pos == 0 else self.fed + T
+            if kv_cache.pos == 0:  # a prefill, of a new generation if the last one decoded or ended at once
+                done = self.decoding or all(self._script(p)[:1] in ([], [self.end_id]) for p in self.prompts)
+                prompts = [tuple(r) for r in idx.tolist()]
+                self.prompts = ([] if done else self.prompts) + prompts
+                self.fed, self.decoding = 0, False
+            else:
+                self.fed, self.decoding = self.fed + T, True
             kv_cache.pos += T
-        token = self.script[self.fed] if self.fed < len(self.script) else self.end_id
         logits = torch.full((B, T, self.config.vocab_size), -1e4)
-        logits[:, :, token] = 1e4
+        for r in range(B):
+            script = self._script(prompts[r * len(prompts) // B] if prompts else None)
+            logits[r, :, script[self.fed] if self.fed < len(script) else self.end_id] = 1e4
         return logits
+
+    def _script(self, prompt):
+        "The script of a prompt: the one script, or the prompt's own."
+        return self.script if self.scripts is None else self.scripts[prompt]
+
+# %% ../nbs/07_engine.ipynb #f2f64e6b
+def prefill_rows(model, prompts, num_samples, seq_len):
+    "(cache, logits, pad): each prompt read alone as `generate` does, in `num_samples` rows, right-aligned."
+    c, device, T, n = model.config, next(model.parameters()).device, max(map(len, prompts)), num_samples
+    cache, logits = KVCache(len(prompts) * n, c.n_kv_head, seq_len, c.head_dim, c.n_layer), []
+    for i, tokens in enumerate(prompts):
+        one = KVCache(1, c.n_kv_head, len(tokens), c.head_dim, c.n_layer)
+        out = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=one)[:, -1]
+        logits.append(out.expand(n, -1))
+        if one.kv is not None:  # (a scripted model keeps no keys)
+            if cache.kv is None:
+                cache.kv = one.kv.new_zeros(cache.shape)  # zeros: padding is hidden, but must not be NaN
+            cache.kv[:, :, i * n:(i + 1) * n, :, T - len(tokens):T] = one.kv[:, :, :, :, :len(tokens)]
+    cache.pos = T
+    pad = torch.tensor([T - len(tokens) for tokens in prompts for _ in range(n)], device=device)
+    return cache, torch.cat(logits), pad
+
+
+def _seeds(seed, n):
+    "One seed per prompt: `seed` for all of them, or a list of n."
+    seeds = [seed] * n if isinstance(seed, int) else list(seed)
+    if len(seeds) != n or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"seed must be an int or a list of {n} ints (one per prompt), got {seed!r}")
+    return seeds
+
+# %% ../nbs/07_engine.ipynb #0c4c7d35
+@patch
+@torch.inference_mode()
+def generate_rows(self: Engine, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+                  fast=True):
+    "`generate` for many prompts at once: row p*num_samples + j is prompt p's sample j, drawn with seed[p] + j."
+    m, c = self.model, self.model.config
+    if not prompts:
+        raise ValueError("generate_rows needs at least one prompt")
+    seeds = _seeds(seed, len(prompts))
+    for tokens in prompts:
+        _check_sampling(tokens, num_samples, max_tokens, temperature, top_k, c.vocab_size)
+    T = max(map(len, prompts))
+    qkv = fused_qkv(m) if fast and isinstance(m, GPT) else None
+    if qkv is None and min(map(len, prompts)) < T:
+        raise ValueError("prompts of different lengths need the lean decode step of a GPT (fast=True); "
+                         "fix: pass prompts of one length (generate_many groups them)")
+    max_tokens = _check_room(m, T, max_tokens or max(1, c.sequence_len - T))
+    rngs = [g for s in seeds for g in row_generators(s, num_samples, next(m.parameters()).device)]
+    cache, logits, pad = prefill_rows(m, prompts, num_samples, T + max_tokens)
+    rows = [RowState(tokens=list(tokens)) for tokens in prompts for _ in range(num_samples)]
+    yield from self._decode(rows, logits, rngs, cache, qkv, max_tokens, temperature, top_k,
+                            pad if qkv is not None and pad.any() else None)
+
+# %% ../nbs/07_engine.ipynb #f9270abc
+def length_groups(lengths, per_group, mixed=True):
+    "Indices, shortest first, in groups of at most `per_group`; mixed=False: only equal lengths share a group."
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and len(groups[-1]) < per_group and (mixed or lengths[groups[-1][0]] == lengths[i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@patch
+def generate_many(self: Engine, prompts, num_samples=1, batch_size=8, stop=None, seed=42, **kwargs):
+    "[generate_batch(p, num_samples, ...) for p in prompts], ~batch_size rows at a time; a row also ends at stop(text)."
+    seeds, n, out = _seeds(seed, len(prompts)), num_samples, [None] * len(prompts)
+    mixed = kwargs.get("fast", True) and isinstance(self.model, GPT) and kwargs.get("max_tokens") is not None
+    for group in length_groups([len(p) for p in prompts], max(1, batch_size // n), mixed):
+        rows = [list(prompts[i]) for i in group for _ in range(n)]
+        masks, start, done = [[0] * len(r) for r in rows], [len(r) for r in rows], [False] * len(rows)
+        for column, mask_column in self.generate_rows([prompts[i] for i in group], n,
+                                                      seed=[seeds[i] for i in group], **kwargs):
+            for r, (token, mask) in enumerate(zip(column, mask_column)):
+                if done[r] or token in (self.end, self.bos):
+                    done[r] = True
+                    continue
+                rows[r].append(token)
+                masks[r].append(mask)
+                done[r] = stop is not None and stop(self.tokenizer.decode(rows[r][start[r]:]))
+            if all(done):
+                break
+        for k, i in enumerate(group):
+            out[i] = rows[k * n:(k + 1) * n], masks[k * n:(k + 1) * n]
+    return out
 
 # %% ../nbs/07_engine.ipynb #eee06660
 def latest_stage(run_dir):

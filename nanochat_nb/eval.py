@@ -11,8 +11,8 @@ __all__ = ['METRICS', 'CORE_TYPES', 'EVAL_BUNDLE_URL', 'CODE_BLOCK', 'CHAT_BASEL
            'zip_core_bundle', 'demo_core_tasks', 'download', 'CoreTask', 'load_core_tasks', 'unpack_bundle',
            'fetch_core_bundle', 'core_prompts', 'common_length', 'core_sequences', 'forward_losses', 'judge',
            'item_sequences', 'pad_rows', 'score_item', 'score_items', 'evaluate_core_task', 'evaluate_core',
-           'letter_ids', 'predict_letter', 'predict_letters', 'answer_stop', 'sample_replies', 'pass_at_k',
-           'evaluate_chat_task', 'chat_task', 'evaluate_chat', 'evaluate_checkpoint', 'run_eval']
+           'letter_ids', 'predict_letter', 'predict_letters', 'answer_stop', 'sample_replies', 'sample_replies_many',
+           'pass_at_k', 'evaluate_chat_task', 'chat_task', 'evaluate_chat', 'evaluate_checkpoint', 'run_eval']
 
 # %% ../nbs/10_eval.ipynb #825890c8
 import csv, hashlib, json, math, os, random, re, shutil, tempfile, time, urllib.error, urllib.request, zipfile
@@ -509,6 +509,14 @@ def sample_replies(engine, prompt, num_samples=1, max_tokens=512, temperature=0.
             break
     return [tokenizer.decode(r) for r in rows]
 
+# %% ../nbs/10_eval.ipynb #7697d67d
+def sample_replies_many(engine, prompts, num_samples=1, max_tokens=512, temperature=0.0, top_k=50, seed=42, stop=None,
+                        batch_size=8):
+    "[sample_replies(engine, p, ...) for p in prompts], about batch_size rows decoded together."
+    out = engine.generate_many(prompts, num_samples, batch_size, stop, seed, max_tokens=max_tokens,
+                               temperature=temperature, top_k=top_k)
+    return [[engine.tokenizer.decode(row[len(p):]) for row in rows] for p, (rows, _) in zip(prompts, out)]
+
 # %% ../nbs/10_eval.ipynb #3da38456
 def pass_at_k(n, c, k):
     "Chance that at least one of k samples drawn from n, of which c are right, is right."
@@ -529,10 +537,9 @@ def evaluate_chat_task(model, tokenizer, task, max_problems=None, num_samples=1,
         letters = predict_letters(model, tokenizer, mine, batch_size)
         right = [[bool(task.evaluate(c, letter))] for c, letter in zip(mine, letters)]
     elif task.eval_type == "generative":
-        engine, stop = Engine(model, tokenizer), answer_stop(task)
-        right = [[bool(task.evaluate(c, reply)) for reply in sample_replies(
-            engine, tokenizer.render_for_completion(c), num_samples, max_tokens, temperature, top_k, seed, stop)]
-            for c in mine]
+        replies = sample_replies_many(Engine(model, tokenizer), [tokenizer.render_for_completion(c) for c in mine],
+                                      num_samples, max_tokens, temperature, top_k, seed, answer_stop(task), batch_size)
+        right = [[bool(task.evaluate(c, reply)) for reply in rs] for c, rs in zip(mine, replies)]
     else:
         raise ValueError(f"{type(task).__name__} has no automatic score (eval_type {task.eval_type!r})")
     ks = sorted({1, num_samples}) if task.eval_type == "generative" else []  # the same on a rank with no problems

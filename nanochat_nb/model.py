@@ -6,7 +6,7 @@ Docs: https://nanochat-nb.github.io/nanochat-nb/model.html.md"""
 
 # %% auto #0
 __all__ = ['GPTConfig', 'norm', 'rotary_tables', 'apply_rotary', 'KVCache', 'CausalSelfAttention', 'MLP', 'Block',
-           'softcap_logits', 'SoftcapCrossEntropy', 'sample_next_token', 'GPT', 'build_model']
+           'softcap_logits', 'sample_next_token', 'GPT', 'build_model', 'SoftcapCrossEntropy']
 
 # %% ../nbs/02_model.ipynb #111d920b
 import math
@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .common import get_device
 
@@ -55,17 +56,18 @@ class GPTConfig:
         "Rows of `wte` and `lm_head`: the vocabulary rounded up to a multiple of 64."
         return (self.vocab_size + 63) // 64 * 64
 
-    @classmethod
-    def from_depth(cls, depth, **overrides):
-        "nanochat's rule: n_layer=depth, n_embd=64·depth, heads of about 128 channels; any field can be overridden."
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}; valid: {[f.name for f in fields(cls)]}")
-        n_embd = overrides.pop("n_embd", 64 * depth)
-        n_head = overrides.pop("n_head", max(1, math.ceil(n_embd / 128)))
-        return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_head, **overrides})
+# %% ../nbs/02_model.ipynb #7c85e7b1
+@patch(cls_method=True)
+def from_depth(cls: GPTConfig, depth, **overrides):
+    "nanochat's rule: n_layer=depth, n_embd=64·depth, heads of about 128 channels; any field can be overridden."
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown GPTConfig field(s) {unknown}; valid: {[f.name for f in fields(cls)]}")
+    n_embd = overrides.pop("n_embd", 64 * depth)
+    n_head = overrides.pop("n_head", max(1, math.ceil(n_embd / 128)))
+    return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_head, **overrides})
 
 # %% ../nbs/02_model.ipynb #8e5e2037
 def norm(x):
@@ -124,17 +126,19 @@ class KVCache:
             self.pos = t1
         return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
 
-    def expand(self, num_rows, seq_len=None):
-        "A new cache with `num_rows` copies of this batch-1 cache, with room for `seq_len` positions."
-        L, _, B, H, T, D = self.shape
-        if B != 1:
-            raise ValueError(f"expand copies a batch-1 cache (one prefilled prompt); this one has {B} rows")
-        out = KVCache(num_rows, H, max(seq_len or T, self.pos), D, L)
-        if self.kv is not None:
-            out.kv = self.kv.new_empty(out.shape)
-            out.kv[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]  # broadcasts over the rows
-        out.pos = self.pos
-        return out
+# %% ../nbs/02_model.ipynb #9c6114c4
+@patch
+def expand(self: KVCache, num_rows, seq_len=None):
+    "A new cache with `num_rows` copies of this batch-1 cache, with room for `seq_len` positions."
+    L, _, B, H, T, D = self.shape
+    if B != 1:
+        raise ValueError(f"expand copies a batch-1 cache (one prefilled prompt); this one has {B} rows")
+    out = KVCache(num_rows, H, max(seq_len or T, self.pos), D, L)
+    if self.kv is not None:
+        out.kv = self.kv.new_empty(out.shape)
+        out.kv[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]  # broadcasts over the rows
+    out.pos = self.pos
+    return out
 
 # %% ../nbs/02_model.ipynb #df02ca03
 class CausalSelfAttention(nn.Module):
@@ -204,60 +208,6 @@ def softcap_logits(x, weight, vocab_size, softcap=15.0):
     logits = F.linear(x, weight)[..., :vocab_size].float()
     return softcap * torch.tanh(logits / softcap)
 
-# %% ../nbs/02_model.ipynb #53ccce29
-class SoftcapCrossEntropy(torch.autograd.Function):
-    "lm_head + softcap + cross-entropy, chunk of rows by chunk: keeps d(loss)/d(logits) instead of the logits."
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, softcap, reduction, chunk):
-        "Loss of hidden states `x` (N, C) against `targets` (N,), `chunk` rows at a time; saves the logits' gradient."
-        N, dev = x.size(0), x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul dtype
-        with torch.autocast(dev, enabled=False):
-            xc, w = x.to(dt), weight[:vocab_size].to(dt)
-            valid = targets != -1
-            safe = torch.where(valid, targets, 0)[:, None]
-            losses = torch.empty(N, dtype=torch.float32, device=x.device)
-            dlogits = torch.empty(N, vocab_size, dtype=dt, device=x.device)
-            for i in range(0, N, chunk):
-                j = min(i + chunk, N)
-                if dt == torch.float32:  # compute straight into the saved buffer, then work in place
-                    z = torch.mm(xc[i:j], w.t(), out=dlogits[i:j])
-                else:
-                    z = (xc[i:j] @ w.t()).float()
-                t = z.div_(softcap).tanh_()
-                c = t * softcap
-                picked = c.gather(1, safe[i:j])
-                e = c.exp_()  # |c| <= softcap: exp cannot overflow, no max to subtract
-                total = e.sum(1, keepdim=True)
-                losses[i:j] = (total.log() - picked).squeeze(1)
-                p = e.mul_(valid[i:j, None] / total)  # softmax; ignored rows become 0
-                p.scatter_add_(1, safe[i:j], -valid[i:j, None].to(p.dtype))  # minus one-hot
-                torch.mul(p, t.square_().neg_().add_(1), out=t)  # times 1 - t²; lands in z's memory
-                if dt != torch.float32:
-                    dlogits[i:j] = t
-            losses = losses * valid
-        n_valid = valid.sum()
-        out = {"mean": lambda: losses.sum() / n_valid, "sum": losses.sum, "none": lambda: losses}[reduction]()
-        ctx.save_for_backward(xc, w, dlogits, n_valid)
-        ctx.reduction, ctx.weight_meta, ctx.x_dtype = reduction, (weight.shape, weight.dtype), x.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        "Gradients of `x` and `weight`: the linear layer's two matmuls on the saved logits' gradient."
-        xc, w, dlogits, n_valid = ctx.saved_tensors
-        if ctx.reduction == "none":  # one weight per row: scale rows of the small tensors, never dlogits
-            r = g.to(xc.dtype)[:, None]
-            dx, dw_v = (dlogits @ w) * r, dlogits.t() @ (xc * r)
-        else:
-            r = (g / n_valid if ctx.reduction == "mean" else g).to(xc.dtype)
-            dx, dw_v = (dlogits @ w) * r, (dlogits.t() @ xc) * r
-        shape, dtype = ctx.weight_meta
-        dw = torch.zeros(shape, dtype=dtype, device=dw_v.device)
-        dw[: dw_v.size(0)] = dw_v  # the padding rows get no gradient
-        return dx.to(ctx.x_dtype), dw, None, None, None, None, None
-
 # %% ../nbs/02_model.ipynb #c4806847
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     "Next ids (B, 1) from `logits` (B, V): argmax at temperature 0, else top-k then sampling with generator `rng`."
@@ -282,7 +232,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)])))
         self.lm_head = nn.Linear(C, V, bias=False)
         self.softcap = 15.0
-        self.fused_loss = True  # use SoftcapCrossEntropy when training eagerly on a CPU
+        self.fused_loss = True  # use SoftcapCrossEntropy when training eagerly on a CPU (Going further)
         self.rotary_seq_len = 10 * config.sequence_len
         half = config.head_dim // 2
         self.register_buffer("cos", torch.empty(self.rotary_seq_len, half), persistent=False)
@@ -290,80 +240,75 @@ class GPT(nn.Module):
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self):
-        "nanochat's classic initialisation; also (re)builds the rotary tables."
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                fan_out, fan_in = m.weight.shape
-                nn.init.normal_(m.weight, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
-        nn.init.normal_(self.transformer.wte.weight, std=1.0)
-        nn.init.zeros_(self.lm_head.weight)
-        for block in self.transformer.h:
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-        device = self.lm_head.weight.device
-        self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=device)
-        if device.type == "cuda":  # nanochat keeps the embedding in bf16 on GPU: half the memory
-            self.transformer.wte.to(dtype=torch.bfloat16)
+# %% ../nbs/02_model.ipynb #7a820a95
+@patch
+@torch.no_grad()
+def init_weights(self: GPT):
+    "nanochat's classic initialisation; also (re)builds the rotary tables."
+    for m in self.modules():
+        if isinstance(m, nn.Linear):
+            fan_out, fan_in = m.weight.shape
+            nn.init.normal_(m.weight, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+    nn.init.normal_(self.transformer.wte.weight, std=1.0)
+    nn.init.zeros_(self.lm_head.weight)
+    for block in self.transformer.h:
+        nn.init.zeros_(block.attn.c_proj.weight)
+        nn.init.zeros_(block.mlp.c_proj.weight)
+    device = self.lm_head.weight.device
+    self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=device)
+    if device.type == "cuda":  # nanochat keeps the embedding in bf16 on GPU: half the memory
+        self.transformer.wte.to(dtype=torch.bfloat16)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        "Logits (B, T, vocab_size) in fp32, or the loss if `targets` are given ((B, T) with loss_reduction='none')."
-        B, T = idx.shape
-        if loss_reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        T0 = 0 if kv_cache is None else kv_cache.pos
-        if T0 + T > self.rotary_seq_len:
-            raise ValueError(f"position {T0 + T} is beyond the rotary table ({self.rotary_seq_len} = 10 x "
-                             f"sequence_len): raise sequence_len in GPTConfig")
-        cos, sin = self.cos[T0:T0 + T], self.sin[T0:T0 + T]  # positions continue after the cached prefix
-        x = self.transformer.wte(idx)
-        if not torch.is_autocast_enabled(idx.device.type):
-            x = x.to(self.lm_head.weight.dtype)  # a bf16 embedding (CUDA) used without autocast
-        x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
-        x = norm(x)
-        V = self.config.vocab_size
-        if (targets is not None and self.fused_loss and x.device.type == "cpu" and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            chunk = max(64, 2**22 // V)  # rows per chunk: 16 MB of fp32 logits, they stay in L3 cache
-            loss = SoftcapCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), V,
-                                             self.softcap, loss_reduction, chunk)
-        else:
-            logits = softcap_logits(x, self.lm_head.weight, V, self.softcap)
-            if targets is None:
-                return logits
-            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1,
-                                   reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+# %% ../nbs/02_model.ipynb #fbff8f6f
+@patch
+def head_loss(self: GPT, x, targets, loss_reduction="mean"):
+    "Cross-entropy of final hidden states `x` (B, T, C) against `targets` (B, T): logits materialised, -1 ignored."
+    logits = softcap_logits(x, self.lm_head.weight, self.config.vocab_size, self.softcap)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction=loss_reduction)
 
-    def num_params(self):
-        "Number of parameters."
-        return sum(p.numel() for p in self.parameters())
+# %% ../nbs/02_model.ipynb #5ffd8566
+@patch
+def forward(self: GPT, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    "Logits (B, T, vocab_size) in fp32, or the loss if `targets` are given ((B, T) with loss_reduction='none')."
+    B, T = idx.shape
+    if loss_reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+    T0 = 0 if kv_cache is None else kv_cache.pos
+    if T0 + T > self.rotary_seq_len:
+        raise ValueError(f"position {T0 + T} is beyond the rotary table ({self.rotary_seq_len} = 10 x "
+                         f"sequence_len): raise sequence_len in GPTConfig")
+    cos, sin = self.cos[T0:T0 + T], self.sin[T0:T0 + T]  # positions continue after the cached prefix
+    x = self.transformer.wte(idx)
+    if not torch.is_autocast_enabled(idx.device.type):
+        x = x.to(self.lm_head.weight.dtype)  # a bf16 embedding (CUDA) used without autocast
+    x = norm(x)
+    for block in self.transformer.h:
+        x = block(x, cos, sin, kv_cache)
+    x = norm(x)
+    if targets is None:
+        return softcap_logits(x, self.lm_head.weight, self.config.vocab_size, self.softcap)
+    loss = self.head_loss(x, targets, loss_reduction)
+    return loss.view(B, T) if loss_reduction == "none" else loss
 
-    def estimate_flops(self):
-        "nanochat's training FLOPs per token: 6 per non-embedding weight, plus attention over sequence_len."
-        c = self.config
-        dense = self.num_params() - self.transformer.wte.weight.numel()
-        return 6 * dense + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-
-    @torch.inference_mode()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42) -> Iterator[int]:
-        "Yield `max_tokens` sampled token ids that continue `tokens` (batch 1, through a KV cache)."
-        if len(tokens) == 0:
-            raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
-        if len(tokens) + max_tokens > self.rotary_seq_len:
-            raise ValueError(f"prompt + max_tokens = {len(tokens) + max_tokens} is beyond the rotary table "
-                             f"({self.rotary_seq_len}): generate fewer tokens")
-        device, c = self.lm_head.weight.device, self.config
-        rng = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.head_dim, c.n_layer)
-        idx = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self.forward(idx, kv_cache=cache)[:, -1, :]
-            idx = sample_next_token(logits, rng, temperature, top_k)
-            yield idx.item()
+# %% ../nbs/02_model.ipynb #8e02c2fb
+@patch
+@torch.inference_mode()
+def generate(self: GPT, tokens, max_tokens, temperature=1.0, top_k=None, seed=42) -> Iterator[int]:
+    "Yield `max_tokens` sampled token ids that continue `tokens` (batch 1, through a KV cache)."
+    if len(tokens) == 0:
+        raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
+    if len(tokens) + max_tokens > self.rotary_seq_len:
+        raise ValueError(f"prompt + max_tokens = {len(tokens) + max_tokens} is beyond the rotary table "
+                         f"({self.rotary_seq_len}): generate fewer tokens")
+    device, c = self.lm_head.weight.device, self.config
+    rng = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.head_dim, c.n_layer)
+    idx = torch.tensor([tokens], dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        logits = self.forward(idx, kv_cache=cache)[:, -1, :]
+        idx = sample_next_token(logits, rng, temperature, top_k)
+        yield idx.item()
 
 # %% ../nbs/02_model.ipynb #902a6a45
 def build_model(config, device="cpu"):
@@ -374,3 +319,89 @@ def build_model(config, device="cpu"):
     model.to_empty(device=device)
     model.init_weights()
     return model
+
+# %% ../nbs/02_model.ipynb #474b4eb7
+@patch
+def num_params(self: GPT):
+    "Number of parameters."
+    return sum(p.numel() for p in self.parameters())
+
+
+@patch
+def estimate_flops(self: GPT):
+    "nanochat's training FLOPs per token: 6 per non-embedding weight, plus attention over sequence_len."
+    c = self.config
+    dense = self.num_params() - self.transformer.wte.weight.numel()
+    return 6 * dense + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+# %% ../nbs/02_model.ipynb #857b4b81
+def _softcap_ce_rows(z, safe, valid, softcap):
+    "Losses of the rows of fp32 logits `z` (n, V); overwrites `z` with d(loss)/d(z) (0 where `valid` is False)."
+    t = z.div_(softcap).tanh_()
+    c = t * softcap
+    picked = c.gather(1, safe)
+    e = c.exp_()  # |c| <= softcap: exp cannot overflow, no max to subtract
+    total = e.sum(1, keepdim=True)
+    p = e.mul_(valid[:, None] / total)  # softmax; ignored rows become 0
+    p.scatter_add_(1, safe, -valid[:, None].to(p.dtype))  # minus one-hot
+    torch.mul(p, t.square_().neg_().add_(1), out=t)  # times 1 - t²; lands in z's memory
+    return (total.log() - picked).squeeze(1)
+
+# %% ../nbs/02_model.ipynb #af0fa757
+class SoftcapCrossEntropy(torch.autograd.Function):
+    "lm_head + softcap + cross-entropy, chunk of rows by chunk: keeps d(loss)/d(logits) instead of the logits."
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, softcap, reduction, chunk):
+        "Loss of hidden states `x` (N, C) against `targets` (N,), `chunk` rows at a time; saves the logits' gradient."
+        N, dev = x.size(0), x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul dtype
+        with torch.autocast(dev, enabled=False):
+            xc, w = x.to(dt), weight[:vocab_size].to(dt)
+            valid = targets != -1
+            safe = torch.where(valid, targets, 0)[:, None]
+            losses = torch.empty(N, dtype=torch.float32, device=x.device)
+            dlogits = torch.empty(N, vocab_size, dtype=dt, device=x.device)
+            for i in range(0, N, chunk):
+                j = min(i + chunk, N)
+                if dt == torch.float32:  # compute straight into the saved buffer, then work in place
+                    z = torch.mm(xc[i:j], w.t(), out=dlogits[i:j])
+                else:
+                    z = (xc[i:j] @ w.t()).float()
+                losses[i:j] = _softcap_ce_rows(z, safe[i:j], valid[i:j], softcap)
+                if dt != torch.float32:
+                    dlogits[i:j] = z
+            losses = losses * valid
+        n_valid = valid.sum()
+        out = {"mean": lambda: losses.sum() / n_valid, "sum": losses.sum, "none": lambda: losses}[reduction]()
+        ctx.save_for_backward(xc, w, dlogits, n_valid)
+        ctx.reduction, ctx.weight_meta, ctx.x_dtype = reduction, (weight.shape, weight.dtype), x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        "Gradients of `x` and `weight`: the linear layer's two matmuls on the saved logits' gradient."
+        xc, w, dlogits, n_valid = ctx.saved_tensors
+        if ctx.reduction == "none":  # one weight per row: scale rows of the small tensors, never dlogits
+            r = g.to(xc.dtype)[:, None]
+            dx, dw_v = (dlogits @ w) * r, dlogits.t() @ (xc * r)
+        else:
+            r = (g / n_valid if ctx.reduction == "mean" else g).to(xc.dtype)
+            dx, dw_v = (dlogits @ w) * r, (dlogits.t() @ xc) * r
+        shape, dtype = ctx.weight_meta
+        dw = torch.zeros(shape, dtype=dtype, device=dw_v.device)
+        dw[: dw_v.size(0)] = dw_v  # the padding rows get no gradient
+        return dx.to(ctx.x_dtype), dw, None, None, None, None, None
+
+# %% ../nbs/02_model.ipynb #05716bb4
+@patch
+def head_loss(self: GPT, x, targets, loss_reduction="mean"):
+    "Cross-entropy of final hidden states `x` (B, T, C): SoftcapCrossEntropy when training eagerly on a CPU."
+    V = self.config.vocab_size
+    if not (self.fused_loss and x.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        logits = softcap_logits(x, self.lm_head.weight, V, self.softcap)
+        return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+    chunk = max(64, 2**22 // V)  # rows per chunk: 16 MB of fp32 logits, they stay in L3 cache
+    return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), V,
+                                     self.softcap, loss_reduction, chunk)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as adamw_update  # the functional AdamW step, on any list of tensors
 
@@ -201,11 +202,10 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 # %% ../nbs/03_optim.ipynb #d7809982
-# torch 2.13 renamed the two single-tensor collectives (same arguments, the old names warn); older torch has only those
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-
+# %% ../nbs/03_optim.ipynb #2a442cdc
 class DistMuon(torch.optim.Optimizer):
     "Muon sharded across ranks: reduce-scatter grads to block-cyclic owners, update, all-gather the weights."
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
@@ -221,43 +221,56 @@ class DistMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        "One Muon step: average each gradient onto its owner, update the owned matrices, share the new weights."
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        chunks = []  # (group, params of the chunk, the averaged grad this rank owns, pending work)
-        for group in self.param_groups:
-            params = group["params"]
-            for start in range(0, len(params), world_size):
-                chunk = params[start:start + world_size]
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
-                grads += [torch.zeros_like(chunk[0])] * (world_size - len(chunk))  # pad a short last chunk
-                owned_grad = torch.empty_like(chunk[0])
-                work = _reduce_scatter(owned_grad, torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
-                chunks.append((group, chunk, owned_grad, work))
-        gathers = []
-        for group, chunk, owned_grad, work in chunks:
-            work.wait()
-            if rank < len(chunk):  # this rank owns chunk[rank]
-                p = chunk[rank]
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(owned_grad)
-                update = muon_update(owned_grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
-                                     group["ns_steps"])
-                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(-2) / p.size(-1))))
-                mine = p.contiguous()
-            else:
-                mine = torch.zeros_like(chunk[0])
-            gathered = torch.empty((world_size * chunk[0].size(0), *chunk[0].shape[1:]),
-                                   dtype=chunk[0].dtype, device=chunk[0].device)
-            gathers.append((chunk, gathered, _all_gather(gathered, mine, async_op=True)))
-        for chunk, gathered, work in gathers:
+        world_size = dist.get_world_size()
+        gathers = [self._update_and_gather(*c) for c in self._scatter_grads()]
+        for chunk, gathered, work in gathers:  # phase 3: every rank copies in every new matrix
             work.wait()
             for p, new in zip(chunk, gathered.chunk(world_size)):
                 p.copy_(new)
         return loss
+
+# %% ../nbs/03_optim.ipynb #eee32e3a
+@patch
+def _scatter_grads(self: DistMuon):
+    "Start a reduce-scatter (AVG) per chunk of world_size matrices; return (group, chunk, owned grad, work)."
+    world_size = dist.get_world_size()
+    chunks = []
+    for group in self.param_groups:
+        params = group["params"]
+        for start in range(0, len(params), world_size):
+            chunk = params[start:start + world_size]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
+            grads += [torch.zeros_like(chunk[0])] * (world_size - len(chunk))  # pad a short last chunk
+            owned_grad = torch.empty_like(chunk[0])
+            work = _reduce_scatter(owned_grad, torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
+            chunks.append((group, chunk, owned_grad, work))
+    return chunks
+
+# %% ../nbs/03_optim.ipynb #2f9b1538
+@patch
+def _update_and_gather(self: DistMuon, group, chunk, owned_grad, work):
+    "Wait for the chunk's gradient, update the matrix this rank owns, start the all-gather of the new weights."
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    work.wait()
+    if rank < len(chunk):  # this rank owns chunk[rank]
+        p = chunk[rank]
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(owned_grad)
+        update = muon_update(owned_grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
+                             group["ns_steps"])
+        p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(-2) / p.size(-1))))
+        mine = p.contiguous()
+    else:
+        mine = torch.zeros_like(chunk[0])
+    gathered = torch.empty((world_size * chunk[0].size(0), *chunk[0].shape[1:]),
+                           dtype=chunk[0].dtype, device=chunk[0].device)
+    return chunk, gathered, _all_gather(gathered, mine, async_op=True)
 
 # %% ../nbs/03_optim.ipynb #5e0327f5
 class DistAdamW(torch.optim.Optimizer):
@@ -276,11 +289,12 @@ class DistAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        "One AdamW step: reduce-scatter every gradient, update this rank's rows, all-gather the tensors."
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+        world_size = dist.get_world_size()
         pending = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -289,21 +303,27 @@ class DistAdamW(torch.optim.Optimizer):
                 work = _reduce_scatter(grad_slice, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
                 pending.append((group, p, grad_slice, work))
         gathers = []
-        for group, p, grad, work in pending:
+        for group, p, grad_slice, work in pending:
             work.wait()
-            rows = p.size(0) // world_size
-            p_slice = p[rank * rows:(rank + 1) * rows]  # a view: updating it updates p
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p_slice)
-                state["exp_avg_sq"] = torch.zeros_like(p_slice)
-            # torch's AdamW on our rows (it advances the step count itself)
-            adamw_update([p_slice], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
-                         fused=self.fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
-                         eps=eps, maximize=False)
-            gathers.append(_all_gather(p, p_slice, async_op=True))
+            gathers.append(_all_gather(p, self._update_rows(group, p, grad_slice), async_op=True))
         for work in gathers:
             work.wait()
         return loss
+
+# %% ../nbs/03_optim.ipynb #30ab5e83
+@patch
+def _update_rows(self: DistAdamW, group, p, grad_slice):
+    "AdamW (torch's functional step) on this rank's rows of `p`; returns the updated slice, a view of `p`."
+    rows = p.size(0) // dist.get_world_size()
+    rank = dist.get_rank()
+    p_slice = p[rank * rows:(rank + 1) * rows]
+    (beta1, beta2), state = group["betas"], self.state[p]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p_slice)
+        state["exp_avg_sq"] = torch.zeros_like(p_slice)
+    # torch's AdamW on our rows (it advances the step count itself)
+    adamw_update([p_slice], [grad_slice], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                 fused=self.fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    return p_slice

@@ -177,17 +177,6 @@ class Tokenizer:
         return cls(tiktoken.Encoding(name="nanochat-nb", pat_str=pattern, mergeable_ranks=dict(mergeable_ranks),
                                      special_tokens=special_tokens))
 
-    @classmethod
-    def train(cls, texts: Iterable[str] | str, vocab_size: int, pattern: str = SPLIT_PATTERN) -> "Tokenizer":
-        "Train with rustbpe on `texts` so that the vocabulary, special tokens included, has `vocab_size` ids."
-        _check_vocab_size(vocab_size)
-        n_ranks = vocab_size - len(SPECIAL_TOKENS)
-        ranks = rustbpe_train(texts, n_ranks, pattern)
-        if len(ranks) < n_ranks:
-            raise ValueError(f"the training text only has room for {len(ranks) - 256} merges but vocab_size="
-                             f"{vocab_size} needs {n_ranks - 256}: train on more text or ask for a smaller vocab_size")
-        return cls.from_ranks(ranks, pattern)
-
     @property
     def vocab_size(self) -> int:
         "Number of ids, special tokens included."
@@ -205,6 +194,18 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+# %% ../nbs/01_tokenizer.ipynb #d11e412d
+@patch(cls_method=True)
+def train(cls: Tokenizer, texts: Iterable[str] | str, vocab_size: int, pattern: str = SPLIT_PATTERN) -> Tokenizer:
+    "Train with rustbpe on `texts` so that the vocabulary, special tokens included, has `vocab_size` ids."
+    _check_vocab_size(vocab_size)
+    n_ranks = vocab_size - len(SPECIAL_TOKENS)
+    ranks = rustbpe_train(texts, n_ranks, pattern)
+    if len(ranks) < n_ranks:
+        raise ValueError(f"the training text only has room for {len(ranks) - 256} merges but vocab_size="
+                         f"{vocab_size} needs {n_ranks - 256}: train on more text or ask for a smaller vocab_size")
+    return cls.from_ranks(ranks, pattern)
 
 # %% ../nbs/01_tokenizer.ipynb #3e22a451
 @patch

@@ -62,7 +62,6 @@ from fastcore.basics import patch
 from nanochat_nb.common import atomic_write
 
 # %%
-#| hide
 import shutil
 
 import matplotlib.pyplot as plt
@@ -437,17 +436,6 @@ class Tokenizer:
         return cls(tiktoken.Encoding(name="nanochat-nb", pat_str=pattern, mergeable_ranks=dict(mergeable_ranks),
                                      special_tokens=special_tokens))
 
-    @classmethod
-    def train(cls, texts: Iterable[str] | str, vocab_size: int, pattern: str = SPLIT_PATTERN) -> "Tokenizer":
-        "Train with rustbpe on `texts` so that the vocabulary, special tokens included, has `vocab_size` ids."
-        _check_vocab_size(vocab_size)
-        n_ranks = vocab_size - len(SPECIAL_TOKENS)
-        ranks = rustbpe_train(texts, n_ranks, pattern)
-        if len(ranks) < n_ranks:
-            raise ValueError(f"the training text only has room for {len(ranks) - 256} merges but vocab_size="
-                             f"{vocab_size} needs {n_ranks - 256}: train on more text or ask for a smaller vocab_size")
-        return cls.from_ranks(ranks, pattern)
-
     @property
     def vocab_size(self) -> int:
         "Number of ids, special tokens included."
@@ -465,6 +453,38 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+# %% [markdown]
+# The merges our pure-Python trainer learned above are already enough to build one: 512 mergeable tokens, then the
+# nine special tokens in ids 512 to 520.
+
+# %%
+tok = Tokenizer.from_ranks(python_ranks)
+test_eq((tok.vocab_size, tok.bos_id), (521, 512))
+bare = tiktoken.Encoding(name="bare", pat_str=SPLIT_PATTERN, mergeable_ranks=python_ranks, special_tokens={})
+test_fail(lambda: Tokenizer(bare), contains="lacks the special tokens")
+tok
+
+
+# %% [markdown]
+# Training goes through rustbpe. `vocab_size` counts every id, special tokens included, so rustbpe is asked for nine
+# fewer mergeable tokens; a text too small to supply that many merges is an error, not a silently smaller vocabulary.
+# `@patch(cls_method=True)` (from fastcore) adds the method to the class defined above, so the class grows one
+# section at a time.
+
+# %%
+#| export
+@patch(cls_method=True)
+def train(cls: Tokenizer, texts: Iterable[str] | str, vocab_size: int, pattern: str = SPLIT_PATTERN) -> Tokenizer:
+    "Train with rustbpe on `texts` so that the vocabulary, special tokens included, has `vocab_size` ids."
+    _check_vocab_size(vocab_size)
+    n_ranks = vocab_size - len(SPECIAL_TOKENS)
+    ranks = rustbpe_train(texts, n_ranks, pattern)
+    if len(ranks) < n_ranks:
+        raise ValueError(f"the training text only has room for {len(ranks) - 256} merges but vocab_size="
+                         f"{vocab_size} needs {n_ranks - 256}: train on more text or ask for a smaller vocab_size")
+    return cls.from_ranks(ranks, pattern)
 
 
 # %% [markdown]
@@ -1188,7 +1208,7 @@ for j, name in enumerate(names):
     ax.bar([i + j * width for i in range(len(rows))], [r["ratio"][name] for r in rows], width,
            label=labels.get(name, name))
 ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(rows))], [r["text"] for r in rows])
-ax.set_ylabel("bytes per token (higher is better)")
+ax.set_xlabel("text type"), ax.set_ylabel("bytes per token (higher is better)")
 ax.set_title("Compression by text type")
 ax.legend(ncol=len(names), fontsize=9)
 plt.show()

@@ -40,11 +40,11 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from nanochat_nb.common import get_device
 
 # %%
-#| hide
 import time
 
 import matplotlib.pyplot as plt
@@ -108,17 +108,31 @@ class GPTConfig:
         "Rows of `wte` and `lm_head`: the vocabulary rounded up to a multiple of 64."
         return (self.vocab_size + 63) // 64 * 64
 
-    @classmethod
-    def from_depth(cls, depth, **overrides):
-        "nanochat's rule: n_layer=depth, n_embd=64·depth, heads of about 128 channels; any field can be overridden."
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}; valid: {[f.name for f in fields(cls)]}")
-        n_embd = overrides.pop("n_embd", 64 * depth)
-        n_head = overrides.pop("n_head", max(1, math.ceil(n_embd / 128)))
-        return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_head, **overrides})
+
+# %%
+test_eq(GPTConfig().head_dim, 128)
+test_eq(GPTConfig(vocab_size=1000).padded_vocab_size, 1024)
+test_fail(lambda: GPTConfig(n_embd=768, n_head=5), contains="not divisible")
+test_fail(lambda: GPTConfig(n_embd=96, n_head=32, n_kv_head=32), contains="odd")
+
+
+# %% [markdown]
+# The depth rule is a second constructor, added to the class with fastcore's `@patch` (as chapter 01 grows its
+# `Tokenizer`): it fills in the fields a depth implies and leaves any field you name alone.
+
+# %%
+#| export
+@patch(cls_method=True)
+def from_depth(cls: GPTConfig, depth, **overrides):
+    "nanochat's rule: n_layer=depth, n_embd=64·depth, heads of about 128 channels; any field can be overridden."
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown GPTConfig field(s) {unknown}; valid: {[f.name for f in fields(cls)]}")
+    n_embd = overrides.pop("n_embd", 64 * depth)
+    n_head = overrides.pop("n_head", max(1, math.ceil(n_embd / 128)))
+    return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_head, **overrides})
 
 
 # %%
@@ -127,10 +141,8 @@ for d in (3, 4, 20):
     print(f"d{d}: n_embd {c.n_embd}, {c.n_head} heads of {c.head_dim}")
 test_eq((GPTConfig.from_depth(3).n_head, GPTConfig.from_depth(3).head_dim), (2, 96))
 test_eq(GPTConfig.from_depth(20), GPTConfig(2048, 65536, 20, 10, 10, 1280))
-test_eq(GPTConfig(vocab_size=1000).padded_vocab_size, 1024)
 test_fail(lambda: GPTConfig.from_depth(5), contains="not divisible")
 test_fail(lambda: GPTConfig.from_depth(4, n_kv_head=3), contains="multiple of n_kv_head")
-test_fail(lambda: GPTConfig(n_embd=96, n_head=32, n_kv_head=32), contains="odd")
 test_fail(lambda: GPTConfig.from_depth(4, n_heads=2), contains="unknown")
 
 # %% [markdown]
@@ -287,24 +299,35 @@ class KVCache:
             self.pos = t1
         return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
 
-    def expand(self, num_rows, seq_len=None):
-        "A new cache with `num_rows` copies of this batch-1 cache, with room for `seq_len` positions."
-        L, _, B, H, T, D = self.shape
-        if B != 1:
-            raise ValueError(f"expand copies a batch-1 cache (one prefilled prompt); this one has {B} rows")
-        out = KVCache(num_rows, H, max(seq_len or T, self.pos), D, L)
-        if self.kv is not None:
-            out.kv = self.kv.new_empty(out.shape)
-            out.kv[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]  # broadcasts over the rows
-        out.pos = self.pos
-        return out
-
 
 # %%
 _cache = KVCache(batch_size=1, num_kv_heads=2, seq_len=8, head_dim=4, num_layers=2)
 for layer in range(2):
     _k, _v = _cache.insert_kv(layer, torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
     print(f"after layer {layer}: returned {tuple(_k.shape)}, position {_cache.get_pos()}")
+test_fail(lambda: _cache.insert_kv(0, torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)), contains="n_kv_head")
+
+
+# %% [markdown]
+# `expand` is the engine's: one prompt prefilled at batch 1, copied into as many rows as samples are wanted.
+
+# %%
+#| export
+@patch
+def expand(self: KVCache, num_rows, seq_len=None):
+    "A new cache with `num_rows` copies of this batch-1 cache, with room for `seq_len` positions."
+    L, _, B, H, T, D = self.shape
+    if B != 1:
+        raise ValueError(f"expand copies a batch-1 cache (one prefilled prompt); this one has {B} rows")
+    out = KVCache(num_rows, H, max(seq_len or T, self.pos), D, L)
+    if self.kv is not None:
+        out.kv = self.kv.new_empty(out.shape)
+        out.kv[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]  # broadcasts over the rows
+    out.pos = self.pos
+    return out
+
+
+# %%
 _big = _cache.expand(4, seq_len=16)
 test_eq((_big.pos, _big.kv.shape), (3, (2, 2, 4, 2, 16, 4)))
 test_eq(_big.kv[:, :, 3, :, :3], _cache.kv[:, :, 0, :, :3])
@@ -452,106 +475,6 @@ print(softcap_logits(_z[..., None], torch.ones(64, 1), 1).flatten())
 
 
 # %% [markdown]
-# ### Making it fast on a CPU
-#
-# On a small model the output head takes a large share of a CPU's time. At depth 4 with an 8,192 vocabulary and
-# 4,096 tokens per step, the logits are 33.5M floats (134 MB), and the simple head runs about ten passes over
-# tensors of that size: the division, `tanh`, multiplication, log-softmax and their backwards, plus a zero-filled
-# gradient. Each pass streams 134 MB through memory; together they took a third of a training step.
-#
-# `SoftcapCrossEntropy` computes the same loss and the same gradients in one go, a chunk of rows at a time, so the
-# chunk stays in cache while it is capped, normalised and differentiated. By hand: with t = tanh(z/15) and
-# c = 15·t, the loss of a row is logsumexp(c) − c[target], and
-#
-# $$\frac{\partial\,\mathrm{loss}}{\partial z} = \big(\mathrm{softmax}(c) - \mathrm{onehot}(\mathrm{target})\big)\,(1 - t^2).$$
-#
-# Because the softcap bounds every logit to ±15, the exponentials cannot overflow, and the usual subtract-the-max
-# pass of a log-softmax is not needed. The forward pass writes this gradient for each row and keeps it instead of
-# the logits; the backward pass is then just the two matmuls of the linear layer, scaled by the incoming gradient
-# (the mean's 1/N, or one weight per row with `reduction="none"`). The model takes this path when it trains on a
-# CPU in eager mode; `torch.compile` fuses the simple version by itself, and GPUs keep nanochat's path.
-
-# %%
-#| export
-class SoftcapCrossEntropy(torch.autograd.Function):
-    "lm_head + softcap + cross-entropy, chunk of rows by chunk: keeps d(loss)/d(logits) instead of the logits."
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, softcap, reduction, chunk):
-        "Loss of hidden states `x` (N, C) against `targets` (N,), `chunk` rows at a time; saves the logits' gradient."
-        N, dev = x.size(0), x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul dtype
-        with torch.autocast(dev, enabled=False):
-            xc, w = x.to(dt), weight[:vocab_size].to(dt)
-            valid = targets != -1
-            safe = torch.where(valid, targets, 0)[:, None]
-            losses = torch.empty(N, dtype=torch.float32, device=x.device)
-            dlogits = torch.empty(N, vocab_size, dtype=dt, device=x.device)
-            for i in range(0, N, chunk):
-                j = min(i + chunk, N)
-                if dt == torch.float32:  # compute straight into the saved buffer, then work in place
-                    z = torch.mm(xc[i:j], w.t(), out=dlogits[i:j])
-                else:
-                    z = (xc[i:j] @ w.t()).float()
-                t = z.div_(softcap).tanh_()
-                c = t * softcap
-                picked = c.gather(1, safe[i:j])
-                e = c.exp_()  # |c| <= softcap: exp cannot overflow, no max to subtract
-                total = e.sum(1, keepdim=True)
-                losses[i:j] = (total.log() - picked).squeeze(1)
-                p = e.mul_(valid[i:j, None] / total)  # softmax; ignored rows become 0
-                p.scatter_add_(1, safe[i:j], -valid[i:j, None].to(p.dtype))  # minus one-hot
-                torch.mul(p, t.square_().neg_().add_(1), out=t)  # times 1 - t²; lands in z's memory
-                if dt != torch.float32:
-                    dlogits[i:j] = t
-            losses = losses * valid
-        n_valid = valid.sum()
-        out = {"mean": lambda: losses.sum() / n_valid, "sum": losses.sum, "none": lambda: losses}[reduction]()
-        ctx.save_for_backward(xc, w, dlogits, n_valid)
-        ctx.reduction, ctx.weight_meta, ctx.x_dtype = reduction, (weight.shape, weight.dtype), x.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        "Gradients of `x` and `weight`: the linear layer's two matmuls on the saved logits' gradient."
-        xc, w, dlogits, n_valid = ctx.saved_tensors
-        if ctx.reduction == "none":  # one weight per row: scale rows of the small tensors, never dlogits
-            r = g.to(xc.dtype)[:, None]
-            dx, dw_v = (dlogits @ w) * r, dlogits.t() @ (xc * r)
-        else:
-            r = (g / n_valid if ctx.reduction == "mean" else g).to(xc.dtype)
-            dx, dw_v = (dlogits @ w) * r, (dlogits.t() @ xc) * r
-        shape, dtype = ctx.weight_meta
-        dw = torch.zeros(shape, dtype=dtype, device=dw_v.device)
-        dw[: dw_v.size(0)] = dw_v  # the padding rows get no gradient
-        return dx.to(ctx.x_dtype), dw, None, None, None, None, None
-
-
-# %% [markdown]
-# Both heads must agree, losses and gradients, for every reduction and with ignored targets (vocabulary 1,000, so
-# `lm_head` has 24 padding rows):
-
-# %%
-torch.manual_seed(0)
-_x = torch.randn(300, 32, requires_grad=True)
-_w = (torch.randn(1024, 32) * 0.3).requires_grad_()
-_y = torch.randint(0, 1000, (300,))
-_y[::7] = -1
-for reduction in ("mean", "sum", "none"):
-    grads = []
-    for fused in (False, True):
-        if fused:
-            loss = SoftcapCrossEntropy.apply(_x, _w, _y, 1000, 15.0, reduction, 64)
-        else:
-            loss = F.cross_entropy(softcap_logits(_x, _w, 1000), _y, ignore_index=-1, reduction=reduction)
-        upstream = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)
-        grads.append((loss.detach(), *torch.autograd.grad((loss * upstream).sum(), (_x, _w))))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-test_eq(grads[1][2][1000:].abs().sum().item(), 0.0)  # padding rows untouched
-
-
-# %% [markdown]
 # ## The GPT
 #
 # Everything together: embedding → norm → blocks → norm → head. Three more pieces live on the model.
@@ -595,7 +518,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)])))
         self.lm_head = nn.Linear(C, V, bias=False)
         self.softcap = 15.0
-        self.fused_loss = True  # use SoftcapCrossEntropy when training eagerly on a CPU
+        self.fused_loss = True  # use SoftcapCrossEntropy when training eagerly on a CPU (Going further)
         self.rotary_seq_len = 10 * config.sequence_len
         half = config.head_dim // 2
         self.register_buffer("cos", torch.empty(self.rotary_seq_len, half), persistent=False)
@@ -603,80 +526,108 @@ class GPT(nn.Module):
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self):
-        "nanochat's classic initialisation; also (re)builds the rotary tables."
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                fan_out, fan_in = m.weight.shape
-                nn.init.normal_(m.weight, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
-        nn.init.normal_(self.transformer.wte.weight, std=1.0)
-        nn.init.zeros_(self.lm_head.weight)
-        for block in self.transformer.h:
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-        device = self.lm_head.weight.device
-        self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=device)
-        if device.type == "cuda":  # nanochat keeps the embedding in bf16 on GPU: half the memory
-            self.transformer.wte.to(dtype=torch.bfloat16)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        "Logits (B, T, vocab_size) in fp32, or the loss if `targets` are given ((B, T) with loss_reduction='none')."
-        B, T = idx.shape
-        if loss_reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        T0 = 0 if kv_cache is None else kv_cache.pos
-        if T0 + T > self.rotary_seq_len:
-            raise ValueError(f"position {T0 + T} is beyond the rotary table ({self.rotary_seq_len} = 10 x "
-                             f"sequence_len): raise sequence_len in GPTConfig")
-        cos, sin = self.cos[T0:T0 + T], self.sin[T0:T0 + T]  # positions continue after the cached prefix
-        x = self.transformer.wte(idx)
-        if not torch.is_autocast_enabled(idx.device.type):
-            x = x.to(self.lm_head.weight.dtype)  # a bf16 embedding (CUDA) used without autocast
-        x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
-        x = norm(x)
-        V = self.config.vocab_size
-        if (targets is not None and self.fused_loss and x.device.type == "cpu" and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            chunk = max(64, 2**22 // V)  # rows per chunk: 16 MB of fp32 logits, they stay in L3 cache
-            loss = SoftcapCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), V,
-                                             self.softcap, loss_reduction, chunk)
-        else:
-            logits = softcap_logits(x, self.lm_head.weight, V, self.softcap)
-            if targets is None:
-                return logits
-            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1,
-                                   reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+# %% [markdown]
+# On the meta device the model is only shapes, so we can look at it before any weight exists:
 
-    def num_params(self):
-        "Number of parameters."
-        return sum(p.numel() for p in self.parameters())
+# %%
+with torch.device("meta"):
+    _skeleton = GPT(GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+print({name: tuple(p.shape) for name, p in _skeleton.named_parameters() if ".h.1." not in name})
 
-    def estimate_flops(self):
-        "nanochat's training FLOPs per token: 6 per non-embedding weight, plus attention over sequence_len."
-        c = self.config
-        dense = self.num_params() - self.transformer.wte.weight.numel()
-        return 6 * dense + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
-    @torch.inference_mode()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42) -> Iterator[int]:
-        "Yield `max_tokens` sampled token ids that continue `tokens` (batch 1, through a KV cache)."
-        if len(tokens) == 0:
-            raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
-        if len(tokens) + max_tokens > self.rotary_seq_len:
-            raise ValueError(f"prompt + max_tokens = {len(tokens) + max_tokens} is beyond the rotary table "
-                             f"({self.rotary_seq_len}): generate fewer tokens")
-        device, c = self.lm_head.weight.device, self.config
-        rng = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.head_dim, c.n_layer)
-        idx = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self.forward(idx, kv_cache=cache)[:, -1, :]
-            idx = sample_next_token(logits, rng, temperature, top_k)
-            yield idx.item()
+# %% [markdown]
+# The initialisation, added to the class with `@patch`. Zeroing the two output projections of every block and
+# `lm_head` is what makes a fresh model the identity on its residual stream with uniform predictions.
+
+# %%
+#| export
+@patch
+@torch.no_grad()
+def init_weights(self: GPT):
+    "nanochat's classic initialisation; also (re)builds the rotary tables."
+    for m in self.modules():
+        if isinstance(m, nn.Linear):
+            fan_out, fan_in = m.weight.shape
+            nn.init.normal_(m.weight, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+    nn.init.normal_(self.transformer.wte.weight, std=1.0)
+    nn.init.zeros_(self.lm_head.weight)
+    for block in self.transformer.h:
+        nn.init.zeros_(block.attn.c_proj.weight)
+        nn.init.zeros_(block.mlp.c_proj.weight)
+    device = self.lm_head.weight.device
+    self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=device)
+    if device.type == "cuda":  # nanochat keeps the embedding in bf16 on GPU: half the memory
+        self.transformer.wte.to(dtype=torch.bfloat16)
+
+
+# %% [markdown]
+# The loss of the final hidden states is the simple head followed by `F.cross_entropy`; targets of -1 are ignored.
+# (A faster head for CPU training, with the same losses and gradients, is in "Going further" at the end of the
+# chapter.)
+
+# %%
+#| export
+@patch
+def head_loss(self: GPT, x, targets, loss_reduction="mean"):
+    "Cross-entropy of final hidden states `x` (B, T, C) against `targets` (B, T): logits materialised, -1 ignored."
+    logits = softcap_logits(x, self.lm_head.weight, self.config.vocab_size, self.softcap)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction=loss_reduction)
+
+
+# %% [markdown]
+# The forward pass: embedding → norm → blocks → norm → head. With a KV cache the rotary angles continue from the
+# cached position, so a decoded token is rotated as it would be in a full forward.
+
+# %%
+#| export
+@patch
+def forward(self: GPT, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    "Logits (B, T, vocab_size) in fp32, or the loss if `targets` are given ((B, T) with loss_reduction='none')."
+    B, T = idx.shape
+    if loss_reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+    T0 = 0 if kv_cache is None else kv_cache.pos
+    if T0 + T > self.rotary_seq_len:
+        raise ValueError(f"position {T0 + T} is beyond the rotary table ({self.rotary_seq_len} = 10 x "
+                         f"sequence_len): raise sequence_len in GPTConfig")
+    cos, sin = self.cos[T0:T0 + T], self.sin[T0:T0 + T]  # positions continue after the cached prefix
+    x = self.transformer.wte(idx)
+    if not torch.is_autocast_enabled(idx.device.type):
+        x = x.to(self.lm_head.weight.dtype)  # a bf16 embedding (CUDA) used without autocast
+    x = norm(x)
+    for block in self.transformer.h:
+        x = block(x, cos, sin, kv_cache)
+    x = norm(x)
+    if targets is None:
+        return softcap_logits(x, self.lm_head.weight, self.config.vocab_size, self.softcap)
+    loss = self.head_loss(x, targets, loss_reduction)
+    return loss.view(B, T) if loss_reduction == "none" else loss
+
+
+# %% [markdown]
+# Sampling: `generate` prefills the prompt through a KV cache, then feeds back one sampled token per step.
+
+# %%
+#| export
+@patch
+@torch.inference_mode()
+def generate(self: GPT, tokens, max_tokens, temperature=1.0, top_k=None, seed=42) -> Iterator[int]:
+    "Yield `max_tokens` sampled token ids that continue `tokens` (batch 1, through a KV cache)."
+    if len(tokens) == 0:
+        raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
+    if len(tokens) + max_tokens > self.rotary_seq_len:
+        raise ValueError(f"prompt + max_tokens = {len(tokens) + max_tokens} is beyond the rotary table "
+                         f"({self.rotary_seq_len}): generate fewer tokens")
+    device, c = self.lm_head.weight.device, self.config
+    rng = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.head_dim, c.n_layer)
+    idx = torch.tensor([tokens], dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        logits = self.forward(idx, kv_cache=cache)[:, -1, :]
+        idx = sample_next_token(logits, rng, temperature, top_k)
+        yield idx.item()
 
 
 # %%
@@ -707,6 +658,7 @@ for _block in model.transformer.h:
     test_eq((_block.attn.c_proj.weight.abs().sum().item(), _block.mlp.c_proj.weight.abs().sum().item()), (0.0, 0.0))
 test_eq(model(_idx, torch.full_like(_idx, -1), loss_reduction="none").shape, (2, 16))
 
+
 # %% [markdown]
 # ## Counting parameters and FLOPs
 #
@@ -714,6 +666,22 @@ test_eq(model(_idx, torch.full_like(_idx, -1), loss_reduction="none").shape, (2,
 # (4·d² for attention, 8·d² for the MLP) plus 2·V·d for the untied embedding and head. The FLOPs per token are
 # nanochat's estimate for a training step: 6 per weight that multiplies (the embedding only looks rows up), plus
 # the attention scores and mixing, 12·L·H·head_dim·T.
+
+# %%
+#| export
+@patch
+def num_params(self: GPT):
+    "Number of parameters."
+    return sum(p.numel() for p in self.parameters())
+
+
+@patch
+def estimate_flops(self: GPT):
+    "nanochat's training FLOPs per token: 6 per non-embedding weight, plus attention over sequence_len."
+    c = self.config
+    dense = self.num_params() - self.transformer.wte.weight.numel()
+    return 6 * dense + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
 
 # %%
 lines = ["| depth | n_embd | heads | params | without wte | FLOPs/token |", "|---|---|---|---|---|---|"]
@@ -964,8 +932,8 @@ test_close(bf16_loss, fp32_loss, eps=0.05)
 # | bf16 autocast, `torch.compile` | | 5,190 |
 #
 # (With plain AdamW as the optimizer, nanochat's model against this one: 2,850 → 3,520 in fp32 and
-# 4,210 → 5,630 in bf16, eager.) The eager gain is the fused output head; the rest is kept lean: no copies of
-# key/value heads when `n_kv_head == n_head`, rotary tables built once, and nothing in the training path that forces
+# 4,210 → 5,630 in bf16, eager.) The eager gain is the fused output head ("Going further", at the end of the
+# chapter); the rest is kept lean: no copies of key/value heads when `n_kv_head == n_head`, rotary tables built once, and nothing in the training path that forces
 # a synchronisation or depends on data, so `torch.compile(model)` traces it as one graph. bf16 buys about 1.6×
 # rather than the 2.5× of a bare matmul: attention's CPU kernel is no faster in bf16, and with the matmuls sped up,
 # attention and the elementwise work take more than half of the step.
@@ -1001,13 +969,14 @@ torch.compiler.reset()  # drop the compiled graphs
 # - **Speed**: compiled, in bf16. MFU is measured against the H100's 989 TFLOP/s bf16 dense peak (nanochat's
 #   constant). Time, tokens and FLOPs are those of chapter 00's table: the 21,400 steps of d20 take about 3 h,
 #   ≈3.9e19 FLOPs.
-# - The fused CPU head is not used there: `torch.compile` fuses the simple one, and on a GPU our Python loop over
-#   chunks would launch too many small kernels. The idea carries over, though: a chunked head never holds the full
+# - The fused CPU head ("Going further", below) is not used there: `torch.compile` fuses the simple one, and on a
+#   GPU our Python loop over chunks would launch too many small kernels. The idea carries over, though: a chunked head never holds the full
 #   logits, and GPU libraries (Liger Kernel's fused linear cross-entropy, for one) do exactly that in a kernel.
 
 # %%
 display(Markdown(at_scale_table(["parameters", "training FLOPs", "base training time", "logits of one micro-batch"])))
 test_eq(f"{32 * 2048 * 65_536 * 4 / 1e9:.1f}", AT_SCALE["logits of one micro-batch"][0].split()[0])
+
 
 # %% [markdown]
 # ## Summary
@@ -1025,6 +994,148 @@ test_eq(f"{32 * 2048 * 65_536 * 4 / 1e9:.1f}", AT_SCALE["logits of one micro-bat
 # 2. Train the copy model with `n_layer=1`. Can a single layer learn to copy? Look at its attention map.
 # 3. Build `GPTConfig.from_depth(4, n_kv_head=1)` (multi-query attention): how many parameters and how much KV cache
 #    memory per token does it save against `n_kv_head=2`?
+
+# %% [markdown]
+# ## Going further: a fused output head for the CPU
+#
+# On a small model the output head takes a large share of a CPU's time. At depth 4 with an 8,192 vocabulary and
+# 4,096 tokens per step, the logits are 33.5M floats (134 MB), and the simple head runs about ten passes over
+# tensors of that size: the division, `tanh`, multiplication, log-softmax and their backwards, plus a zero-filled
+# gradient. Each pass streams 134 MB through memory; together they took a third of a training step.
+#
+# `SoftcapCrossEntropy` computes the same loss and the same gradients in one go, a chunk of rows at a time, so the
+# chunk stays in cache while it is capped, normalised and differentiated. By hand: with t = tanh(z/15) and
+# c = 15·t, the loss of a row is logsumexp(c) − c[target], and
+#
+# $$\frac{\partial\,\mathrm{loss}}{\partial z} = \big(\mathrm{softmax}(c) - \mathrm{onehot}(\mathrm{target})\big)\,(1 - t^2).$$
+#
+# Because the softcap bounds every logit to ±15, the exponentials cannot overflow, and the usual subtract-the-max
+# pass of a log-softmax is not needed. The forward pass writes this gradient for each row and keeps it instead of
+# the logits; the backward pass is then just the two matmuls of the linear layer, scaled by the incoming gradient
+# (the mean's 1/N, or one weight per row with `reduction="none"`). The model takes this path when it trains on a
+# CPU in eager mode; `torch.compile` fuses the simple version by itself, and GPUs keep nanochat's path.
+
+# %%
+#| export
+def _softcap_ce_rows(z, safe, valid, softcap):
+    "Losses of the rows of fp32 logits `z` (n, V); overwrites `z` with d(loss)/d(z) (0 where `valid` is False)."
+    t = z.div_(softcap).tanh_()
+    c = t * softcap
+    picked = c.gather(1, safe)
+    e = c.exp_()  # |c| <= softcap: exp cannot overflow, no max to subtract
+    total = e.sum(1, keepdim=True)
+    p = e.mul_(valid[:, None] / total)  # softmax; ignored rows become 0
+    p.scatter_add_(1, safe, -valid[:, None].to(p.dtype))  # minus one-hot
+    torch.mul(p, t.square_().neg_().add_(1), out=t)  # times 1 - t²; lands in z's memory
+    return (total.log() - picked).squeeze(1)
+
+
+# %% [markdown]
+# The autograd function runs that over chunks of rows, keeps the gradient instead of the logits, and in the backward
+# pass only applies the linear layer's two matmuls to it:
+
+# %%
+#| export
+class SoftcapCrossEntropy(torch.autograd.Function):
+    "lm_head + softcap + cross-entropy, chunk of rows by chunk: keeps d(loss)/d(logits) instead of the logits."
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, softcap, reduction, chunk):
+        "Loss of hidden states `x` (N, C) against `targets` (N,), `chunk` rows at a time; saves the logits' gradient."
+        N, dev = x.size(0), x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul dtype
+        with torch.autocast(dev, enabled=False):
+            xc, w = x.to(dt), weight[:vocab_size].to(dt)
+            valid = targets != -1
+            safe = torch.where(valid, targets, 0)[:, None]
+            losses = torch.empty(N, dtype=torch.float32, device=x.device)
+            dlogits = torch.empty(N, vocab_size, dtype=dt, device=x.device)
+            for i in range(0, N, chunk):
+                j = min(i + chunk, N)
+                if dt == torch.float32:  # compute straight into the saved buffer, then work in place
+                    z = torch.mm(xc[i:j], w.t(), out=dlogits[i:j])
+                else:
+                    z = (xc[i:j] @ w.t()).float()
+                losses[i:j] = _softcap_ce_rows(z, safe[i:j], valid[i:j], softcap)
+                if dt != torch.float32:
+                    dlogits[i:j] = z
+            losses = losses * valid
+        n_valid = valid.sum()
+        out = {"mean": lambda: losses.sum() / n_valid, "sum": losses.sum, "none": lambda: losses}[reduction]()
+        ctx.save_for_backward(xc, w, dlogits, n_valid)
+        ctx.reduction, ctx.weight_meta, ctx.x_dtype = reduction, (weight.shape, weight.dtype), x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        "Gradients of `x` and `weight`: the linear layer's two matmuls on the saved logits' gradient."
+        xc, w, dlogits, n_valid = ctx.saved_tensors
+        if ctx.reduction == "none":  # one weight per row: scale rows of the small tensors, never dlogits
+            r = g.to(xc.dtype)[:, None]
+            dx, dw_v = (dlogits @ w) * r, dlogits.t() @ (xc * r)
+        else:
+            r = (g / n_valid if ctx.reduction == "mean" else g).to(xc.dtype)
+            dx, dw_v = (dlogits @ w) * r, (dlogits.t() @ xc) * r
+        shape, dtype = ctx.weight_meta
+        dw = torch.zeros(shape, dtype=dtype, device=dw_v.device)
+        dw[: dw_v.size(0)] = dw_v  # the padding rows get no gradient
+        return dx.to(ctx.x_dtype), dw, None, None, None, None, None
+
+
+# %% [markdown]
+# Both heads must agree, losses and gradients, for every reduction and with ignored targets (vocabulary 1,000, so
+# `lm_head` has 24 padding rows):
+
+# %%
+torch.manual_seed(0)
+_x = torch.randn(300, 32, requires_grad=True)
+_w = (torch.randn(1024, 32) * 0.3).requires_grad_()
+_y = torch.randint(0, 1000, (300,))
+_y[::7] = -1
+for reduction in ("mean", "sum", "none"):
+    grads = []
+    for fused in (False, True):
+        if fused:
+            loss = SoftcapCrossEntropy.apply(_x, _w, _y, 1000, 15.0, reduction, 64)
+        else:
+            loss = F.cross_entropy(softcap_logits(_x, _w, 1000), _y, ignore_index=-1, reduction=reduction)
+        upstream = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)
+        grads.append((loss.detach(), *torch.autograd.grad((loss * upstream).sum(), (_x, _w))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+test_eq(grads[1][2][1000:].abs().sum().item(), 0.0)  # padding rows untouched
+
+
+# %% [markdown]
+# The model takes the fused path through a second version of `head_loss`, patched over the simple one: when it
+# trains eagerly on a CPU (gradients on, not being compiled) and `fused_loss` is on; otherwise it falls back to the
+# simple head. The two must give the same loss and the same gradients on a whole model:
+
+# %%
+#| export
+@patch
+def head_loss(self: GPT, x, targets, loss_reduction="mean"):
+    "Cross-entropy of final hidden states `x` (B, T, C): SoftcapCrossEntropy when training eagerly on a CPU."
+    V = self.config.vocab_size
+    if not (self.fused_loss and x.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        logits = softcap_logits(x, self.lm_head.weight, V, self.softcap)
+        return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+    chunk = max(64, 2**22 // V)  # rows per chunk: 16 MB of fp32 logits, they stay in L3 cache
+    return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), V,
+                                     self.softcap, loss_reduction, chunk)
+
+
+# %%
+x, y = repeat_batch(16)
+results = {}
+for fused in (False, True):
+    copy_model.fused_loss = fused
+    loss = copy_model(x, y)
+    results[fused] = (loss.detach(), *torch.autograd.grad(loss, list(copy_model.parameters())))
+for a, b in zip(results[False], results[True]):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+print(f"simple head {results[False][0].item():.6f}, fused head {results[True][0].item():.6f}")
 
 # %%
 #| hide

@@ -56,11 +56,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from fastcore.basics import patch
+
 from nanochat_nb.common import atomic_write
 from nanochat_nb.tokenizer import stdlib_documents
 
 # %%
-#| hide
 import functools
 import http.server
 import tempfile
@@ -196,9 +197,9 @@ def _read_text(path):
         return None, f"not UTF-8 (byte {e.start})"
 
 
-def iter_folder_documents(folder, skipped=None):
-    "Documents under `folder` in path order: .txt/.md/.py files whole, .jsonl `text` per line, .parquet `text` rows."
-    folder, skipped = Path(folder), [] if skipped is None else skipped
+
+def _folder_files(folder):
+    "The document files under `folder`, sorted, hidden files and folders left out; a clear error if there are none."
     if not folder.is_dir():
         raise FileNotFoundError(f"source folder {folder} {'is a file' if folder.exists() else 'does not exist'} "
                                 f"(fix: pass a folder of .txt/.md/.py/.jsonl/.parquet files)")
@@ -207,34 +208,61 @@ def iter_folder_documents(folder, skipped=None):
     if not files:
         raise ValueError(f"no .txt/.md/.py/.jsonl/.parquet files under {folder} "
                          f"(fix: point --source at a folder of documents)")
-    for path in files:
-        text, why = _read_text(path) if path.suffix != ".parquet" else ("", None)
+    return files
+
+
+# %% [markdown]
+# The two structured formats get a reader each: a JSON-lines file gives one document per non-empty line, and a
+# parquet file one per non-empty row of its `text` column. Both stop at the first malformed line or file.
+
+# %%
+#| export
+def _jsonl_documents(path, text):
+    "The `text` field of each non-empty line of a .jsonl file; a malformed line is an error naming file and line."
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object "
+                             f'like {{"text": "..."}}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')
+        yield row["text"]
+
+
+def _parquet_documents(path):
+    "The non-empty rows of a parquet file's `text` column."
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e}); fix: repair or remove it") from None
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f'{path}: no "text" column (it has {pf.schema_arrow.names})')
+    for batch in pf.iter_batches(columns=["text"]):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+# %% [markdown]
+# `iter_folder_documents` walks the files and hands each to its reader; what is not text is recorded in `skipped`.
+
+# %%
+#| export
+def iter_folder_documents(folder, skipped=None):
+    "Documents under `folder` in path order: .txt/.md/.py files whole, .jsonl `text` per line, .parquet `text` rows."
+    folder, skipped = Path(folder), [] if skipped is None else skipped
+    for path in _folder_files(folder):
+        if path.suffix == ".parquet":
+            yield from _parquet_documents(path)
+            continue
+        text, why = _read_text(path)
         if why:
             skipped.append(f"{path} ({why})")
-        elif path.suffix in _TEXT_SUFFIXES:
-            if text.strip():
-                yield text
         elif path.suffix == ".jsonl":
-            for lineno, line in enumerate(text.split("\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object "
-                                     f'like {{"text": "..."}}') from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')
-                yield row["text"]
-        else:
-            try:
-                pf = pq.ParquetFile(path)
-            except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"{path}: not a readable parquet file ({e}); fix: repair or remove it") from None
-            if "text" not in pf.schema_arrow.names:
-                raise ValueError(f'{path}: no "text" column (it has {pf.schema_arrow.names})')
-            for batch in pf.iter_batches(columns=["text"]):
-                yield from (t for t in batch.column(0).to_pylist() if t)
+            yield from _jsonl_documents(path, text)
+        elif text.strip():
+            yield text
 
 
 # %%
@@ -717,71 +745,87 @@ class DataLoader:
         self.tokenizer, self.B, self.T, self.device = tokenizer, B, T, torch.device(device)
         self.paths, self.packing, self.buffer_docs = list_shards(data_dir, split), packing, buffer_docs
         self.header = {"version": 1, "packing": packing, "split": split, "rank": rank, "world_size": world_size}
-        wrong = {k: (state.get(k), v) for k, v in self.header.items() if state.get(k) != v} if state else {}
-        if wrong:
-            raise ValueError(f"state does not fit this loader, {{key: (state, loader)}}: {wrong}; "
-                             f"resume with the same packing, split, rank and world_size")
         # best fit uses at most T + 1 tokens of a document, and no token covers more characters than it has bytes
         longest = int(tokenizer.token_bytes.max()) if packing == "bestfit" and hasattr(tokenizer, "token_bytes") else 0
-        max_chars = min(max_doc_chars, (T + 1) * longest) if longest else max_doc_chars
-        keep = T + 1 if packing == "bestfit" else None
+        self.max_chars = min(max_doc_chars, (T + 1) * longest) if longest else max_doc_chars
+        self.keep, self.tokenizer_batch_size = (T + 1 if packing == "bestfit" else None), tokenizer_batch_size
         self.source = _Tokenised(tokenizer, self.paths, rank, world_size, state and tuple(state["next"]),
-                                 tokenizer_batch_size, max_chars, keep)
+                                 tokenizer_batch_size, self.max_chars, self.keep)
         self.pending, self.offset = deque(), 0  # stream: docs not yet used up, and how many tokens of the first are
         self.buffer = BestFitBuffer()
-        if state and packing == "stream" and state["offset"]:
-            self.pending.append(next(self.source))
-            self.offset = state["offset"]
-        if state and packing == "bestfit":
-            keys = [(e, s, rg, d) for e, s, rg, ds in state["buffer"] for d in ds]
-            texts = _read_docs(self.paths, keys)
-            for i in range(0, len(keys), tokenizer_batch_size):
-                encoded = _encode_docs(tokenizer, texts[i:i + tokenizer_batch_size], max_chars, keep)
-                for key, (ids, n) in zip(keys[i:i + tokenizer_batch_size], encoded):
-                    self.buffer.add(key, ids, n)
-
-    def state_dict(self):
-        "Where the next batch starts: a small JSON-serialisable dict of document positions, never tokens."
-        if self.packing == "stream":
-            nxt = self.pending[0][0] if self.pending else self.source.peek()
-            return {**self.header, "epoch": nxt[0], "next": list(nxt), "offset": self.offset}
-        nxt = self.source.peek()
-        return {**self.header, "epoch": nxt[0], "next": list(nxt), "buffer": _pack_keys(self.buffer.keys())}
-
-    def _refill(self):
-        while len(self.buffer) < self.buffer_docs:
-            self.buffer.add(*next(self.source))
-
-    def _stream_tokens(self, n):
-        "The next n tokens of the flat stream; the stream then moves on n - 1 (the last target is the next input)."
-        tokens, i = [], 0
-        while len(tokens) < n:
-            if i == len(self.pending):
-                self.pending.append(next(self.source))
-            start = self.offset if i == 0 else 0
-            tokens += self.pending[i][1][start:start + n - len(tokens)]  # only what the batch needs
-            i += 1
-        used = self.offset + n - 1
-        while self.pending and used >= len(self.pending[0][1]):
-            used -= len(self.pending.popleft()[1])
-        self.offset = used
-        return tokens[:n]
+        if state:
+            self._restore(state)
 
     def __iter__(self):
         return self
 
-    def __next__(self):
-        B, T = self.B, self.T
-        if self.packing == "bestfit":
-            rows = torch.tensor([self.buffer.fill_row(T + 1, self._refill) for _ in range(B)], dtype=torch.long)
-            inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-        else:  # one flat run of B*T + 1 tokens: each row's targets reach one token past its inputs
-            flat = torch.tensor(self._stream_tokens(B * T + 1), dtype=torch.long)
-            inputs, targets = flat[:-1].view(B, T), flat[1:].view(B, T)
-        if self.device.type == "cuda":  # pinned host memory lets the copy run alongside the GPU's work
-            inputs = inputs.pin_memory().to(self.device, non_blocking=True)
-            targets = targets.pin_memory().to(self.device, non_blocking=True)
-        return inputs, targets, self.state_dict()
+
+# %% [markdown]
+# Each packing needs one way to take tokens. Best fit tops its buffer up to `buffer_docs` documents before every
+# pick. The stream takes the next `n` tokens from the documents laid end to end, and moves on only `n - 1`: the last
+# target of one batch is the first input of the next.
+
+# %%
+#| export
+@patch
+def _refill(self: DataLoader):
+    "Top the best-fit buffer up to `buffer_docs` documents."
+    while len(self.buffer) < self.buffer_docs:
+        self.buffer.add(*next(self.source))
+
+
+@patch
+def _stream_tokens(self: DataLoader, n):
+    "The next n tokens of the flat stream; the stream then moves on n - 1 (the last target is the next input)."
+    tokens, i = [], 0
+    while len(tokens) < n:
+        if i == len(self.pending):
+            self.pending.append(next(self.source))
+        start = self.offset if i == 0 else 0
+        tokens += self.pending[i][1][start:start + n - len(tokens)]  # only what the batch needs
+        i += 1
+    used = self.offset + n - 1
+    while self.pending and used >= len(self.pending[0][1]):
+        used -= len(self.pending.popleft()[1])
+    self.offset = used
+    return tokens[:n]
+
+
+# %% [markdown]
+# The state is what the section's introduction promised: positions, never tokens. For the stream, the document the
+# next batch starts in and how far into it; for best fit, the next document to read and the buffered ones.
+
+# %%
+#| export
+@patch
+def state_dict(self: DataLoader):
+    "Where the next batch starts: a small JSON-serialisable dict of document positions, never tokens."
+    if self.packing == "stream":
+        nxt = self.pending[0][0] if self.pending else self.source.peek()
+        return {**self.header, "epoch": nxt[0], "next": list(nxt), "offset": self.offset}
+    nxt = self.source.peek()
+    return {**self.header, "epoch": nxt[0], "next": list(nxt), "buffer": _pack_keys(self.buffer.keys())}
+
+
+# %% [markdown]
+# A batch: `B` rows of `T + 1` tokens, split into inputs and targets shifted by one, with the state after it.
+
+# %%
+#| export
+@patch
+def __next__(self: DataLoader):
+    "The next (inputs, targets) of shape (B, T) on the device, and the state to resume after them."
+    B, T = self.B, self.T
+    if self.packing == "bestfit":
+        rows = torch.tensor([self.buffer.fill_row(T + 1, self._refill) for _ in range(B)], dtype=torch.long)
+        inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    else:  # one flat run of B*T + 1 tokens: each row's targets reach one token past its inputs
+        flat = torch.tensor(self._stream_tokens(B * T + 1), dtype=torch.long)
+        inputs, targets = flat[:-1].view(B, T), flat[1:].view(B, T)
+    if self.device.type == "cuda":  # pinned host memory lets the copy run alongside the GPU's work
+        inputs = inputs.pin_memory().to(self.device, non_blocking=True)
+        targets = targets.pin_memory().to(self.device, non_blocking=True)
+    return inputs, targets, self.state_dict()
 
 
 # %% [markdown]
@@ -808,6 +852,33 @@ print(f"state: {len(json.dumps(state))} bytes of JSON, epoch {state['epoch']}, n
 longest_kept = max(len(ids) for _, ids in bestfit.buffer.docs.values())
 print(f"best fit buffers {len(bestfit.buffer)} documents, at most {longest_kept} ids each")
 assert longest_kept <= T + 1
+
+
+# %% [markdown]
+# Resuming rebuilds what the state names. The constructor has already pointed the reader at `next`; `_restore`
+# checks that the state belongs to this loader (same packing, split, rank and world size), then re-reads the
+# partly used stream document, or re-reads and re-tokenises the buffered documents in their arrival order.
+
+# %%
+#| export
+@patch
+def _restore(self: DataLoader, state):
+    "Rebuild the pending stream document or the best-fit buffer from a `state_dict()`."
+    wrong = {k: (state.get(k), v) for k, v in self.header.items() if state.get(k) != v}
+    if wrong:
+        raise ValueError(f"state does not fit this loader, {{key: (state, loader)}}: {wrong}; "
+                         f"resume with the same packing, split, rank and world_size")
+    if self.packing == "stream" and state["offset"]:
+        self.pending.append(next(self.source))
+        self.offset = state["offset"]
+    if self.packing == "bestfit":
+        keys = [(e, s, rg, d) for e, s, rg, ds in state["buffer"] for d in ds]
+        texts, n = _read_docs(self.paths, keys), self.tokenizer_batch_size
+        for i in range(0, len(keys), n):
+            encoded = _encode_docs(self.tokenizer, texts[i:i + n], self.max_chars, self.keep)
+            for key, (ids, length) in zip(keys[i:i + n], encoded):
+                self.buffer.add(key, ids, length)
+
 
 # %% [markdown]
 # And the promise of this section: stop after a few batches, rebuild a loader from the saved state (through JSON, as
@@ -925,30 +996,32 @@ print("document length percentiles (10/50/90):", np.percentile(lengths, [10, 50,
 # ## Going further: downloading FineWeb-edu
 #
 # For the real run the shards come from Hugging Face, about 100 MB each. A download of 240 of them will meet a
-# flaky connection sooner or later, so each shard is fetched the careful way: streamed into a uniquely named temp
-# file, checked (the byte count against `Content-Length`, then the parquet footer, which sits at the very end of the
-# file, so a cut-off body cannot pass), and only then renamed to its real name. A failure deletes the temp file and
+# flaky connection sooner or later, so each shard is fetched the careful way: streamed into a temp file beside its
+# final name, checked (the byte count against `Content-Length`, then the parquet footer, which sits at the very end of the
+# file, so a cut-off body cannot pass), and only then renamed to its real name: chapter 00's `atomic_write` does the
+# temp file, the fsync and the rename, as for every other file of the book. A failure deletes the temp file and
 # retries after `backoff ** attempt` seconds. Shards already complete on disk are skipped, so re-running the command
 # after an error fetches only what is missing. We always fetch the validation shard (index 1822) on top of the
 # requested train shards, so that `list_shards(..., "val")` means the same shard whatever `N` was.
 
 # %%
 #| export
+def _stream_checked(url, f, timeout):
+    "Stream `url` into the open file `f`, then check that the body is whole and ends in a parquet footer."
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        expected, got = r.headers.get("Content-Length"), 0
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            got += len(chunk)
+    if expected is not None and got != int(expected):
+        raise IOError(f"truncated body: got {got} of {expected} bytes")
+    f.flush()
+    pq.read_metadata(f.name)  # the footer is the last thing in the file: a cut-off download fails here
+
+
 def _fetch(url, dest, timeout):
-    "Stream `url` to a temp file beside `dest`, check that it is whole, then rename it into place."
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            expected, got = r.headers.get("Content-Length"), 0
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                got += len(chunk)
-        if expected is not None and got != int(expected):
-            raise IOError(f"truncated body: got {got} of {expected} bytes")
-        pq.read_metadata(tmp)  # the footer is the last thing in the file: a cut-off download fails here
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    "Download `url` to `dest` through `atomic_write`: `dest` only ever appears whole and checked."
+    atomic_write(dest, lambda f: _stream_checked(url, f, timeout))
 
 
 # %%

@@ -60,7 +60,6 @@ from nanochat_nb.model import GPTConfig, build_model
 from nanochat_nb.tokenizer import Tokenizer
 
 # %%
-#| hide
 import io
 import shutil
 import subprocess
@@ -68,11 +67,19 @@ import tempfile
 from unittest import mock
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import torch.nn.functional as F
 from fastcore.test import test_eq, test_fail
 from IPython.display import Markdown, display
 
 from nanochat_nb.common import AT_SCALE
+from nanochat_nb.data import DataLoader, prepare_data
+from nanochat_nb.optim import lr_multiplier, muon_momentum, setup_optimizers
+from nanochat_nb.tokenizer import stdlib_documents
+
+# the chapter's models are tiny: on a small, busy CPU one thread beats two (restored at the end of the chapter)
+_saved_threads = torch.get_num_threads()
+torch.set_num_threads(1)
 
 # %% [markdown]
 # ## Where a run keeps its checkpoints
@@ -555,6 +562,86 @@ print("max |logits - logits after reload|:", (logits - logits2).abs().max().item
 assert torch.equal(logits, logits2)
 test_eq(meta2["step"], 1)
 
+# %% [markdown]
+# ## Resuming a run exactly
+#
+# The point of all this is that a run which stops and resumes ends where an uninterrupted one would have, to the bit.
+# Three things must come back for that: the weights, the optimizer state (AdamW's moments, Muon's momentum), and
+# where the data stood: the loader's state from chapter 04, stored in the meta. The step number, saved as well,
+# puts the learning-rate and momentum schedules back where they were.
+#
+# A small run shows it: a tokenizer and a corpus from a couple of hundred stdlib files, the tiny GPT, nanochat's
+# Muon + AdamW with their schedules, ten steps. Run A goes straight through and saves at step 5. Run B starts a
+# fresh process's worth of objects (model, optimizers, loader, all built anew), loads step 5 and trains to 10.
+
+# %%
+resume_run = tmp / "resume_run"
+prepare_data(resume_run, max_docs=200, chars_per_shard=400_000, docs_per_row_group=16)
+resume_tok = Tokenizer.train(stdlib_documents(max_docs=60), vocab_size=512)
+resume_config = GPTConfig(sequence_len=64, vocab_size=resume_tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=64)
+resume_ckpt = checkpoint_dir(resume_run, "base")
+
+
+def tiny_run(num_steps=10, save_at=None, resume=False):
+    "Train the tiny GPT to `num_steps`, saving at `save_at` or resuming from the latest checkpoint; returns what it saw."
+    torch.manual_seed(0)
+    model = build_model(resume_config)
+    optimizers = setup_optimizers(model)
+    step, loader_state = 0, None
+    if resume:
+        model_state, optimizer_state, meta = load_checkpoint(resume_ckpt, load_optimizer=True)
+        model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, optimizer_state["optimizers"]):
+            opt.load_state_dict(state)
+        step, loader_state = meta["step"], meta["dataloader_state_dict"]
+    loader = DataLoader(resume_tok, resume_run / "data", 4, 64, buffer_docs=64, state=loader_state)
+    batches, losses = {}, {}
+    while step < num_steps:
+        inputs, targets, loader_state = next(loader)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_multiplier(step, num_steps)
+        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
+        loss = model(inputs, targets)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        batches[step], losses[step] = inputs, loss.item()
+        if step == save_at:
+            save_checkpoint(resume_ckpt, step, model.state_dict(), {"optimizers": [o.state_dict() for o in optimizers]},
+                            {"model_config": vars(resume_config).copy(), "dataloader_state_dict": loader_state})
+    return model, batches, losses
+
+
+t0 = time.perf_counter()
+model_a, batches_a, losses_a = tiny_run(save_at=5)
+model_b, batches_b, losses_b = tiny_run(resume=True)
+print(f"two runs in {time.perf_counter() - t0:.1f} s")
+
+# %% [markdown]
+# Run B saw steps 6 to 10 only. Step by step, its batch and its loss next to run A's, and at the end every weight:
+
+# %%
+weights_a, weights_b = model_a.state_dict(), model_b.state_dict()
+resume_rows = [{"step": step, "run B's batch is run A's": torch.equal(batches_a[step], batches_b[step]),
+                "loss, run A": losses_a[step], "loss, run B (resumed)": losses_b[step]} for step in sorted(batches_b)]
+display(pd.DataFrame(resume_rows).set_index("step").style.format(precision=6))
+weight_gap = max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a)
+print(f"after step 10, the largest difference between any weight of run A and run B: {weight_gap}")
+test_eq(sorted(batches_b), [6, 7, 8, 9, 10])
+assert all(torch.equal(batches_a[s], batches_b[s]) for s in batches_b)
+test_eq([losses_b[s] for s in batches_b], [losses_a[s] for s in batches_b])
+assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+# %% [markdown]
+# Bit-identical, not merely close: the same arithmetic on the same numbers in the same order gives the same bits.
+# Leave out any one piece and the equality breaks: resume without the optimizer state and AdamW restarts its
+# moments; without the loader state, step 6 trains on step 1's batch again (try it: pass `state=None` to the
+# `DataLoader` in `tiny_run`).
 
 # %% [markdown]
 # ## A crash in the middle of a save
@@ -635,6 +722,7 @@ ax.text(commit / 2, 1.03, "a crash here: step 1 is the latest", transform=top, h
 ax.text(commit * 1.06, 1.03, "step 2", transform=top, ha="center", fontsize=8)
 ax.set_yticks(range(len(ms)), [name for name, _, _ in events]), ax.invert_yaxis()
 ax.set_xlim(0, commit * 1.12), ax.set_xlabel("ms since the save began")
+ax.set_title("One save of step 2: three atomic writes, the meta last", pad=18)
 plt.show()
 test_eq([name for name, _, _ in events], ["optim_000002_rank0.pt", "model_000002.pt", "meta_000002.json"])
 print("ms per file:", [round(b - a, 1) for a, b in ms])
@@ -1060,6 +1148,7 @@ test_eq((f"{m20:.1f} GB", f"{o20:.2f} GB"), (AT_SCALE["model file"][0], AT_SCALE
 # %%
 #| hide
 shutil.rmtree(tmp)
+torch.set_num_threads(_saved_threads)
 
 # %% [markdown]
 # ## Summary

@@ -16,16 +16,21 @@
 
 # %% [markdown]
 # # Pretraining
-# > The base training loop: one process or many, on a laptop or on 8×H100, and it survives being killed.
+# > The base training loop, built in steps: twenty lines that learn, then the loop that runs on one process or many,
+# > on a laptop or on 8×H100, and survives being killed.
 
 # %% [markdown]
 # Everything so far was parts: a tokenizer (chapter 01), a model (02), its optimizers and schedules (03), a stream
 # of token batches (04) and a way to save all of it (05). This chapter turns the parts into a training system: the
-# loop that nanochat calls `base_train`. At the end you will have a base model that has read the standard library's
-# sources, a `metrics/pretrain.jsonl` with one line per step, and checkpoints that a killed run resumes from
-# *exactly*: the same final weights, bit for bit, as a run that was never interrupted.
+# loop that nanochat calls `base_train`. We first write the loop a reader can hold in one glance (about twenty
+# lines) and watch it learn. Then we add, one at a time and each for a reason, what a real run needs: bigger batches
+# than memory holds, clipping, evaluation, samples, metrics, MFU, checkpoints that resume *exactly*, and many
+# processes. At the end you will have a base model that has read the standard library's sources, a
+# `metrics/pretrain.jsonl` with one line per step, and checkpoints from which a killed run ends on the same weights,
+# bit for bit, as a run that was never interrupted.
 #
-# Next, the inference engine (07) turns the checkpoint into text, and midtraining (11) teaches it to chat.
+# *Pipeline:* the tokenizer, model, optimizers, data and checkpoints of chapters 01–05 come in; the inference engine
+# (07) turns the checkpoint into text, and midtraining (11) teaches it to chat.
 
 # %%
 #| default_exp pretrain
@@ -37,6 +42,7 @@ from itertools import islice
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -55,8 +61,98 @@ from nanochat_nb.tokenizer import Tokenizer
 #| hide
 import tempfile
 
-from fastcore.test import test_eq, test_fail
+import matplotlib.pyplot as plt
+from fastcore.test import test_close, test_eq, test_fail
 
+# %% [markdown]
+# ## A tokenizer and shards to train on
+#
+# The run directory of this chapter holds a 4,096-token tokenizer trained on the standard library's sources
+# (chapter 01) and those sources packed into parquet shards (chapter 04). Both take a few seconds.
+
+# %% tags=["parameters"]
+run_dir = "../runs/chapter06"
+vocab_size = 4096
+num_iterations = 20
+
+# %%
+from nanochat_nb.data import prepare_data
+from nanochat_nb.tokenizer import train_tokenizer
+
+tok_stats = train_tokenizer(run_dir, vocab_size=vocab_size, max_chars=20_000_000)
+data_stats = prepare_data(run_dir)
+print(tok_stats, data_stats, sep="\n")
+
+
+# %% [markdown]
+# ## A first loop
+#
+# Training is four lines repeated: take a batch, compute the loss (forward), compute its gradient (backward), and
+# let the optimizers move the weights. Around them we need a model (chapter 02's `build_model`, seeded so that it is
+# the same every time), its two optimizers (chapter 03: Muon for the block matrices, AdamW for the embeddings), a
+# batch stream (chapter 04's `DataLoader`) and the learning-rate and momentum schedules of chapter 03. Nothing else:
+# no evaluation, no saving, one process.
+
+# %%
+def simple_loop(run_dir, steps=20, depth=4, B=8, T=256, seed=42, every=5):
+    "Train a fresh depth-`depth` model for `steps` steps on `run_dir`'s shards; returns the loss of every step."
+    tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer")
+    torch.manual_seed(seed)
+    model = build_model(GPTConfig.from_depth(depth, sequence_len=T, vocab_size=tokenizer.vocab_size), "cpu")
+    adamw, muon = setup_optimizers(model)
+    batches = iter(DataLoader(tokenizer, Path(run_dir) / "data", B, T, packing="stream"))
+    losses = []
+    for step in range(steps):
+        x, y, _ = next(batches)                 # B rows of T tokens; y is x shifted by one
+        loss = model(x, y)                      # forward: mean cross-entropy of the next token
+        loss.backward()                         # backward: a gradient on every parameter
+        lrm = lr_multiplier(step, steps)        # flat, then a linear warmdown to 0 (chapter 03)
+        for opt in (adamw, muon):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        muon.param_groups[0]["momentum"] = muon_momentum(step)
+        adamw.step(); muon.step()               # move the weights
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % every == 0 or step == steps - 1:
+            print(f"step {step:3d} | loss {loss.item():.3f}")
+    return losses
+
+
+# %%
+t0 = time.perf_counter()
+simple_losses = simple_loop(run_dir, steps=num_iterations)
+print(f"{num_iterations} steps in {time.perf_counter() - t0:.0f} s")
+assert simple_losses[-1] < simple_losses[0] - 1
+
+# %%
+#| fig-alt: "Training loss of the twenty-line loop over its steps, falling by several nats from ln 4096, about 8.3."
+plt.figure(figsize=(6, 2.5))
+plt.plot(simple_losses, "o-", ms=3)
+plt.axhline(math.log(vocab_size), color="grey", ls=":", label=f"ln {vocab_size}: a uniform guess")
+plt.xlabel("step"); plt.ylabel("train loss (nats/token)"); plt.title("the twenty-line loop learns"); plt.legend()
+plt.show()
+
+
+# %% [markdown]
+# The first loss is ln 4096 ≈ 8.3: the model starts with a zero `lm_head`, so it guesses uniformly. In a few steps it
+# learns which tokens are common, and the loss drops by several nats. That is the whole idea of pretraining. What
+# follows is what it takes to run this loop for hours on many GPUs without losing the work:
+#
+# | Feature | Why |
+# |---|---|
+# | a checked config with presets | one object describes a run, and a typo fails before any file is touched |
+# | gradient accumulation | the batch that trains well (nanochat: 524,288 tokens) is larger than one device's memory |
+# | data read as several ranks | one GPU and eight must see the same batches, or runs cannot be compared |
+# | clipping, one optimizer step | a rare huge gradient must not throw the weights away; every stage shares the step |
+# | validation bits per byte | the training loss is measured on batches the model just learned from |
+# | greedy samples | a number says *that* it learns; a sample says *what* |
+# | metrics and MFU | one line per step to plot, and how much of the hardware the step turns into arithmetic |
+# | checkpoints and exact resume | a killed run must cost minutes, not hours, and end where it would have |
+# | many processes (torchrun) | eight GPUs train eight times faster on the same batches |
+#
+# Each gets a section below; the last section assembles them into `pretrain` and checks that, with the features
+# turned off, it computes exactly the losses of `simple_loop`.
 
 # %% [markdown]
 # ## One config, a few presets
@@ -110,24 +206,36 @@ PRESETS = {
 }
 
 
-def make_config(preset=None, **overrides):
-    "A `TrainConfig` from a preset name plus field overrides; unknown names are errors."
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    names = {f.name for f in fields(TrainConfig)}
+# %% [markdown]
+# Every stage of the book has a config like this one and presets like these, so building one from a preset name and
+# overrides is a function of the dataclass, the presets and (optionally) the rules of the next section.
+
+# %%
+#| export
+def build_config(cls, presets, rules=None, preset=None, **overrides):
+    "A `cls` from a preset of `presets` plus field overrides; unknown names are errors; checked by `rules` if given."
+    if preset is not None and preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(k for k in presets if k)}")
+    names = {f.name for f in fields(cls)}
     bad = sorted(set(overrides) - names)
     if bad:
-        raise ValueError(f"unknown TrainConfig field(s) {bad}; valid fields: {sorted(names)}")
-    return replace(TrainConfig(**PRESETS.get(preset, {})), **overrides)
+        raise ValueError(f"unknown {cls.__name__} field(s) {bad}; valid fields: {sorted(names)}")
+    config = replace(cls(**presets.get(preset, {})), **overrides)
+    if rules is not None:
+        check_settings(config, rules)
+    return config
+
+
+def make_config(preset=None, **overrides):
+    "A `TrainConfig` from a preset name plus field overrides; unknown names are errors."
+    return build_config(TrainConfig, PRESETS, None, preset, **overrides)
 
 
 # %%
 cfg = make_config("micro", num_iterations=20)
 assert (cfg.depth, cfg.sequence_len, cfg.num_iterations) == (4, 256, 20)
-try:
-    make_config("micro", depht=3)
-except ValueError as e:
-    print(e)
+test_fail(lambda: make_config("micro", depht=3), contains="unknown TrainConfig field(s) ['depht']")
+test_fail(lambda: make_config("tiny"), contains="choose one of ['d12', 'd20', 'd26', 'micro']")
 
 
 # %% [markdown]
@@ -220,188 +328,47 @@ for bad in (dict(num_iterations=0), dict(matrix_lr=float("nan")), dict(embedding
         print(e)
     else:
         raise AssertionError(f"accepted {bad}")
+test_fail(lambda: build_config(TrainConfig, PRESETS, TRAIN_RULES, "micro", depth=0), contains="--depth 0")
+
 
 # %% [markdown]
-# ## How fast is fast? Peak FLOP/s and MFU
+# ## Bigger batches than memory: gradient accumulation
 #
-# Model FLOPs utilisation (MFU) is the fraction of the hardware's peak that the training step turns into model
-# arithmetic: FLOPs per token (from `GPT.estimate_flops`) × tokens per step ÷ seconds per step ÷ peak. On a GPU the
-# peak is the datasheet's dense bf16 number (nanochat hard-codes the H100's 989 TFLOP/s). A laptop CPU has no
-# datasheet we can trust, so we *measure* it: time matmuls of a few sizes in the training dtype and keep the fastest.
-# On a shared machine that measurement can come out low (another job had the cores), which shows up as an MFU above
-# 100%: the training loop then measures again and keeps the larger peak, so MFU stays an honest fraction. Even so, CPU
-# MFU moves by ±10 points between runs on a busy machine; compare runs measured on a quiet one.
+# The batch size that trains well is a property of the problem, not of the GPU: nanochat takes 524,288 tokens per
+# optimizer step. One H100 holds 32 rows of 2,048 tokens (65,536) for a forward and backward pass at depth 20. So a
+# step runs several *micro-steps*, each adding its gradient (divided by their number) into `.grad`, and the optimizer
+# steps once on the sum, which equals the gradient of the whole batch. With 8 GPUs each doing one micro-step there is
+# no accumulation at all; with one GPU there are 8 micro-steps and the run is 8× slower, on the same batches.
+#
+# `_batch_plan` derives the numbers of a run: tokens per step, micro-steps, the number of data ranks, and the horizon
+# (nanochat's 20 tokens per parameter when `num_iterations` is -1). When they do not divide, it says so.
 
 # %%
 #| export
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "4090": 165.2e12, "L40S": 362e12, "A10": 125e12}
-
-
-def peak_flops(device, dtype=torch.float32, sizes=(512, 1024, 2048), trials=3):
-    "Peak FLOP/s of one device: the datasheet on a GPU; on a CPU the fastest of timed matmuls of a few sizes."
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), float("nan"))
-    best = 0.0
-    for size in sizes:  # the best size differs between CPUs (caches, blocking), so try a few
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up
-        repeats = max(1, 2**30 // size**3)  # about 2 GFLOP per trial
-        for _ in range(trials):  # a busy machine only ever makes a matmul slower: keep the fastest
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                a @ b
-            best = max(best, 2 * size**3 * repeats / (time.perf_counter() - t0))
-    return best
+def _batch_plan(config, world, num_params):
+    "Rows, tokens per step, micro-steps, data ranks and the number of steps of a run on `world` processes."
+    B, T = config.device_batch_size, config.sequence_len
+    total_batch = config.total_batch_size if config.total_batch_size > 0 else B * T * world
+    accum = grad_accum_steps(total_batch, B, T, world)
+    data_world = config.data_world_size if config.data_world_size > 0 else world
+    if (accum * world) % data_world:
+        raise ValueError(f"{accum} micro-steps on {world} rank(s) cannot be spread evenly over "
+                         f"data_world_size={data_world}; pick a data_world_size that divides {accum * world}")
+    num_iterations = (config.num_iterations if config.num_iterations > 0
+                      else training_horizon(num_params, config.target_param_data_ratio, total_batch))
+    return SimpleNamespace(B=B, T=T, total_batch=total_batch, accum=accum, data_world=data_world,
+                           num_iterations=num_iterations)
 
 
 # %%
-print(f"this CPU: {peak_flops('cpu') / 1e9:.0f} GFLOP/s fp32")
-
-
-# %% [markdown]
-# ## Bits per byte
-#
-# Validation loss in nats per token depends on the tokenizer: a bigger vocabulary packs more bytes into a token and
-# so has a larger loss per token. Bits per byte divides that out: sum the loss over the targets, convert nats to bits,
-# and divide by the number of UTF-8 bytes those targets stand for (the tokenizer's `token_bytes` table; special tokens
-# count 0 bytes and are left out, as are ignored targets). With several ranks, each evaluates its own slice of the
-# validation shard and the two sums are added across ranks before dividing.
-
-# %%
-#| export
-@torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes, autocast=nullcontext):
-    "Bits per byte of `model` over `steps` batches of (inputs, targets), summed across ranks."
-    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    total_bytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    for _ in range(steps):
-        x, y = next(batches)[:2]
-        with autocast():
-            loss = model(x, y, loss_reduction="none").view(-1)
-        y = y.view(-1)
-        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
-        counted = nbytes > 0
-        total_nats += loss[counted].double().sum()
-        total_bytes += nbytes[counted].double().sum()
-    if dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    return (total_nats / (math.log(2) * total_bytes)).item()
-
-
-# %% [markdown]
-# A sanity check: an untrained model (zero-initialised `lm_head`, so uniform predictions) has a loss of
-# ln(vocab_size) nats per token, which is log2(vocab_size) / (bytes per token) bits per byte.
-
-# %%
-#| hide
-from nanochat_nb.model import GPT
-
-# %%
-_vocab, _T = 300, 16
-_model = GPT(GPTConfig(sequence_len=_T, vocab_size=_vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
-_tb = torch.full((_vocab,), 2, dtype=torch.int32)
-_y = torch.randint(0, _vocab, (2, _T))
-_bpb = evaluate_bpb(_model, iter([(_y, _y)]), 1, _tb)
-assert abs(_bpb - math.log2(_vocab) / 2) < 1e-3, _bpb
-
-
-# %% [markdown]
-# ## Metrics, one JSON line per step
-#
-# Every step appends one line to `run_dir/metrics/pretrain.jsonl`: easy to tail, to plot, and to read back into
-# the report. When a run resumes from step *s*, the lines the killed run wrote after *s* describe a future that
-# did not happen, so they are dropped first.
-#
-# A crash, or a full disk, in the middle of an append leaves a torn last line: half a JSON record without its
-# newline. Reading tolerates exactly that (the torn line is dropped, and said so); any other line that is not a
-# record with a `step` is an error that names the file and the line, never a bare `JSONDecodeError`.
-
-# %%
-#| export
-class MetricsError(ValueError):
-    "A metrics file that cannot be read; the message names the file, the line and the fix."
-
-
-def _metrics_lines(path, log=None):
-    "[(line, record)] of a metrics file; a torn last line is dropped (and reported through `log`)."
-    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            if i == len(lines):  # the last line, without its newline: an append that never finished
-                if log:
-                    log(f"{path}: dropped a torn last line (a crash or a full disk during a write): {line[:60]!r}")
-                break
-            raise MetricsError(f"{path}:{i} is not a JSON record ({e}); fix: delete that line") from None
-        if not isinstance(record, dict) or not _is_int(record.get("step")):
-            raise MetricsError(f"{path}:{i} is a record without an integer 'step' ({line[:60]!r}); fix: delete "
-                               "that line")
-        out.append((line, record))
-    return out
-
-
-class MetricsLog:
-    "Append-only JSON-lines log of a stage's steps, trimmed back to the resume point on restart."
-    def __init__(self, path, resume_step=None, enabled=True, log=None):
-        self.path, self.enabled = Path(path), enabled
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keep = []
-        if resume_step is not None and self.path.exists():
-            keep = [line for line, r in _metrics_lines(self.path, log) if r["step"] < resume_step]
-        atomic_write(self.path, lambda f: f.write("".join(l + "\n" for l in keep).encode()))
-
-    def write(self, record):
-        "Append one record."
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    @staticmethod
-    def read(path, log=None):
-        "All records of a metrics file (a torn last line is dropped)."
-        return [record for _, record in _metrics_lines(path, log)]
-
-
-# %%
-with tempfile.TemporaryDirectory() as d:
-    path = Path(d) / "pretrain.jsonl"
-    path.write_text('{"step": 0, "loss": 5.1}\n{"step": 1, "loss": 4.7}\n{"step": 2, "lo')  # torn by a crash
-    test_eq([r["step"] for r in MetricsLog.read(path, log=print)], [0, 1])
-    MetricsLog(path, resume_step=1).write({"step": 1, "loss": 4.6})
-    test_eq(MetricsLog.read(path), [{"step": 0, "loss": 5.1}, {"step": 1, "loss": 4.6}])
-    path.write_text('{"step": 0}\n{"loss": 4.7}\n')
-    test_fail(lambda: MetricsLog.read(path), contains="pretrain.jsonl:2")
-
-
-# %% [markdown]
-# ## Gradients across ranks
-#
-# There is no DDP wrapper: the distributed optimizers of chapter 03 average the gradients themselves
-# (reduce-scatter to the owner of each shard). Clipping by the global norm, though, must see the *averaged*
-# gradient before any optimizer steps; clipping each rank's local gradient (as nanochat does) would make a
-# two-process run differ from a one-process run on the same batch. So when clipping is on and there are several
-# ranks, we average the gradients first with one all-reduce per parameter. The optimizers then reduce-scatter
-# gradients that are already equal everywhere, which changes nothing (x+x halves back to x exactly). It costs one
-# extra all-reduce per step; `--grad-clip 0` skips it.
-
-# %%
-#| export
-def clip_gradients(model, max_norm):
-    "Clip the rank-averaged gradient to `max_norm`; returns the norm before clipping."
-    params = [p for p in model.parameters() if p.grad is not None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for p in params:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+for name, world in (("micro", 1), ("micro", 2), ("d20", 1), ("d20", 8)):
+    p = _batch_plan(make_config(name), world, num_params=560_988_160)  # nanochat's d20 has 561M parameters
+    print(f"{name:5s} on {world} process(es): {p.total_batch:7,} tokens/step = {p.B} x {p.T} x {world} x "
+          f"{p.accum} micro-step(s); {p.num_iterations:,} steps")
+_p = _batch_plan(make_config("d20"), 8, 560_988_160)
+assert _p.accum == 1 and abs(_p.num_iterations * _p.total_batch / 560_988_160 - 20) < 1e-3  # 20 tokens/param
+test_fail(lambda: _batch_plan(make_config(device_batch_size=3, sequence_len=64, total_batch_size=1000), 1, 1),
+          contains="multiple of 192")
 
 
 # %% [markdown]
@@ -450,13 +417,154 @@ class RankedBatches:
 
 
 # %% [markdown]
-# ## The pieces every stage shares
+# One process reading as two ranks takes rank 0's first batch, then rank 1's, then rank 0's second; a checkpoint
+# taken after two consumed batches resumes with the third.
+
+# %%
+_tok = Tokenizer.load(Path(run_dir) / "tokenizer")
+_make = lambda r, state: DataLoader(_tok, Path(run_dir) / "data", 2, 32, rank=r, world_size=2, packing="stream",
+                                    state=state)
+_two = RankedBatches(_make, rank=0, world_size=1, data_world_size=2)
+_b = [next(_two) for _ in range(3)]
+test_eq(_b[0][0], next(iter(_make(0, None)))[0])   # rank 0's first batch
+test_eq(_b[1][0], next(iter(_make(1, None)))[0])   # then rank 1's
+_two.consumed(_b[0][2]); _two.consumed(_b[1][2])
+_again = RankedBatches(_make, 0, 1, 2, resume=_two.state_dict())
+test_eq(next(_again)[0], _b[2][0])                 # a resume continues with the third batch
+
+
+# %% [markdown]
+# ## Setting up a run
+#
+# A run starts by deciding its device and number format (bf16 autocast on CUDA, fp32 elsewhere; `torch.compile` on
+# CUDA), joining the other processes (`torchrun` sets the environment; without it we are a single process), loading
+# the tokenizer, building the seeded model and its optimizers, and making the batch plan. Everything the loop needs
+# then travels in one namespace `r`, so that the functions below take a few arguments rather than twenty.
+
+# %%
+#| export
+def _autocast_factory(device, dtype):
+    "A zero-argument context factory for the chosen compute dtype."
+    if dtype == "fp32":
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _resolve(config, device):
+    "Turn the 'auto' fields into decisions for this device."
+    dtype = config.dtype if config.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    compile_ = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be auto, fp32 or bf16, not {config.dtype!r}")
+    if config.compile not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, not {config.compile!r}")
+    return dtype, compile_
+
+
+# %%
+#| export
+def _setup(run_dir, config, resume, overwrite, log):
+    "Processes, device, tokenizer, seeded model, optimizers and batch plan of a run, in one namespace."
+    info = init_distributed(torch.device(config.device).type if config.device else None)
+    device = torch.device(config.device) if config.device else info.device
+    dtype, use_compile = _resolve(config, device)
+    torch.manual_seed(config.seed)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    ckpt_dir, metrics_path = checkpoint_dir(run_dir, "base"), run_dir / "metrics" / "pretrain.jsonl"
+    if not resume and not overwrite:
+        check_stage_empty(ckpt_dir, metrics_path)  # a fresh run never lands on an earlier one
+    fingerprints = {"tokenizer": tokenizer.fingerprint, "data": shards_fingerprint(run_dir / "data")}
+    model_config = GPTConfig.from_depth(config.depth, sequence_len=config.sequence_len,
+                                        vocab_size=tokenizer.vocab_size)
+    model = build_model(model_config, device)
+    r = SimpleNamespace(config=config, run_dir=run_dir, rank=info.rank, world=info.world_size, master=info.rank == 0,
+                        say=log if info.rank == 0 else (lambda *a, **k: None), device=device, dtype=dtype,
+                        use_compile=use_compile, autocast=_autocast_factory(device, dtype), tokenizer=tokenizer,
+                        token_bytes=tokenizer.token_bytes.to(device), ckpt_dir=ckpt_dir, metrics_path=metrics_path,
+                        fingerprints=fingerprints, model_config=model_config, model=model, train_model=model,
+                        num_params=model.num_params(), flops_per_token=model.estimate_flops(),
+                        **vars(_batch_plan(config, info.world_size, model.num_params())))
+    r.optimizers = setup_optimizers(model, unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
+                                    matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
+    r.say(f"model: depth {config.depth}, {r.num_params:,} parameters, {r.flops_per_token:.3g} FLOPs/token | "
+          f"{r.world} rank(s) on {device.type}, {dtype}, compile {use_compile}")
+    r.say(f"batch: {r.total_batch:,} tokens/step = {r.B} rows x {r.T} tokens x {r.world} rank(s) x {r.accum} "
+          f"micro-step(s); {r.num_iterations} steps = {r.num_iterations * r.total_batch:,} tokens")
+    return r
+
+
+# %% [markdown]
+# The data come last: the training batches (each virtual rank's loader, resumed where a checkpoint left them) and the
+# validation batches, the same at every evaluation so that the numbers are comparable (tokenised once, then kept).
+
+# %%
+#| export
+def _open_data(r, data_states=None, step=0):
+    "The training batches (resumed from `data_states`) and a function that returns the fixed validation batches."
+    def make_loader(rank, state, split="train"):
+        return DataLoader(r.tokenizer, r.run_dir / "data", r.B, r.T, split=split, rank=rank, world_size=r.data_world,
+                          device=r.device, packing=r.config.packing, state=state)
+    try:
+        batches = RankedBatches(make_loader, r.rank, r.world, r.data_world, data_states)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        if data_states is None:
+            raise
+        raise CheckpointError(f"{_paths(r.ckpt_dir, step, r.rank)[1]}: its dataloader_state does not fit this run "
+                              f"({type(e).__name__}: {e}); fix: resume with the settings it was saved with, or start "
+                              "over with --overwrite") from e
+    r.eval_steps = max(1, r.config.eval_tokens // (r.B * r.T * r.data_world))   # per virtual rank
+    val_cache = []
+
+    def val_batches():
+        "The same validation batches at every evaluation: each virtual rank's slice, tokenised once."
+        if not val_cache:
+            for rank in batches.ranks:
+                val_cache.extend(islice(iter(make_loader(rank, None, "val")), r.eval_steps))
+        return iter(val_cache)
+    return batches, val_batches
+
+
+# %%
+r = _setup(Path(run_dir), make_config("micro", eval_tokens=4096), resume=False, overwrite=True, log=print)
+batches, val_batches = _open_data(r)
+batch = next(batches)
+test_eq((batch[0].shape, r.accum, r.eval_steps), ((8, 256), 2, 2))
+
+
+# %% [markdown]
+# ## Clipping, across ranks
+#
+# Now and then a batch produces a gradient many times larger than usual, and one step along it undoes hours of
+# training. Clipping rescales the whole gradient when its global norm exceeds `grad_clip` (1.0, as nanochat).
+#
+# There is no DDP wrapper: the distributed optimizers of chapter 03 average the gradients themselves
+# (reduce-scatter to the owner of each shard). Clipping by the global norm, though, must see the *averaged*
+# gradient before any optimizer steps; clipping each rank's local gradient (as nanochat does) would make a
+# two-process run differ from a one-process run on the same batch. So when clipping is on and there are several
+# ranks, we average the gradients first with one all-reduce per parameter. The optimizers then reduce-scatter
+# gradients that are already equal everywhere, which changes nothing (x+x halves back to x exactly). It costs one
+# extra all-reduce per step; `--grad-clip 0` skips it.
+
+# %%
+#| export
+def clip_gradients(model, max_norm):
+    "Clip the rank-averaged gradient to `max_norm`; returns the norm before clipping."
+    params = [p for p in model.parameters() if p.grad is not None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in params:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
+
+# %% [markdown]
+# ## The optimizer step every stage shares
 #
 # Pretraining is the first of four training stages (base, mid, SFT, RL), and the later ones differ only in their
-# data, their loss and their schedule. Two pieces of the loop are the same in all of them, so they live here as
-# functions the later chapters import: the optimizer step (clip the rank-averaged gradient, refuse a non-finite loss,
-# set every group's learning rate and Muon's momentum from the schedule, step, clear the gradients), and putting a
-# checkpoint's optimizer shards back with a clear error when they do not fit.
+# data, their loss and their schedule. The optimizer step is the same in all of them, so it lives here as a function
+# the later chapters import: clip the rank-averaged gradient, refuse a non-finite loss (a NaN is never trained on,
+# never saved), set every group's learning rate and Muon's momentum from the schedules of chapter 03, step, clear the
+# gradients. Putting a checkpoint's optimizer shards back, with a clear error when they do not fit, is the other
+# shared piece.
 
 # %%
 #| export
@@ -492,6 +600,10 @@ def restore_optimizers(optimizers, optim_state, optim_path):
 
 
 # %%
+#| hide
+from nanochat_nb.model import GPT
+
+# %%
 _m = GPT(GPTConfig(sequence_len=8, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
 _m.init_weights()
 _opts = setup_optimizers(_m, distributed=False)
@@ -501,49 +613,503 @@ _loss.backward()
 _l, _g = optimizer_step(_m, _opts, _loss.detach(), lrm=0.5, momentum=0.9)
 assert _l == _loss.item() and _g > 0 and all(p.grad is None for p in _m.parameters())
 assert all(g["lr"] == g["initial_lr"] * 0.5 for o in _opts for g in o.param_groups)
+_m(_x, _x).mul(float("nan")).backward()
+test_fail(lambda: optimizer_step(_m, _opts, torch.tensor(float("nan")), 1.0, 0.9, step=7), contains="step 7")
 
 
 # %% [markdown]
-# ## The loop
+# ## One training step
 #
-# `pretrain` is nanochat's `base_train`, step for step:
-#
-# 1. set up the processes (`torchrun` sets the environment; without it we are a single process), the tokenizer,
-#    the model built from the depth dial, the optimizers and the data;
-# 2. derive the horizon and the gradient accumulation from the batch sizes (clear errors when they do not divide);
-# 3. loop `num_iterations + 1` times so that the last pass can evaluate and save: evaluate bits per byte, print
-#    samples, save a checkpoint when due; then run the micro-steps, clip, set the learning rates and Muon's momentum
-#    from the schedules, step the optimizers, and log one line.
-#
-# Two details make resuming exact. The checkpoint records where each loader stood *after the last consumed batch*
-# (the loop has always prefetched one more), and the loop state (step, smoothed loss, training time) travels with
-# it; the model, every rank's optimizer shard and the data position are everything that decides the next update.
+# One optimizer step of the real loop is the simple loop's body with the micro-steps around it: each micro-batch's
+# loss is divided by their number before `backward`, so that the gradients add up to the gradient of the mean. Two
+# details matter later. The next batch is fetched right after the backward pass (on a GPU the data loader then works
+# while the GPU computes), so the loop always holds one batch it has not trained on; and each batch is marked
+# `consumed` only once it is trained on, which is where a checkpoint resumes.
 
 # %%
 #| export
-def _autocast_factory(device, dtype):
-    "A zero-argument context factory for the chosen compute dtype."
-    if dtype == "fp32":
-        return nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def _train_step(r, batches, batch, step):
+    "One optimizer step of `r.accum` micro-steps; returns (loss, grad norm, lr multiplier, seconds, next batch)."
+    t0 = time.perf_counter()
+    x, y, token = batch
+    train_loss = torch.zeros((), device=r.device)
+    for _ in range(r.accum):
+        with r.autocast():
+            loss = r.train_model(x, y)
+        train_loss += loss.detach()
+        (loss / r.accum).backward()
+        batches.consumed(token)
+        x, y, token = next(batches)   # prefetch while the GPU works
+    c = r.config
+    lrm = lr_multiplier(step, r.num_iterations, c.warmup_ratio, c.warmdown_ratio, c.final_lr_frac)
+    train_loss, grad_norm = optimizer_step(r.model, r.optimizers, train_loss / r.accum, lrm, muon_momentum(step),
+                                           c.grad_clip, step, r.ckpt_dir)
+    if r.device.type == "cuda":
+        torch.cuda.synchronize()
+    return train_loss, grad_norm, lrm, time.perf_counter() - t0, (x, y, token)
 
 
-def _resolve(config, device):
-    "Turn the 'auto' fields into decisions for this device."
-    dtype = config.dtype if config.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    compile_ = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be auto, fp32 or bf16, not {config.dtype!r}")
-    if config.compile not in ("auto", "on", "off"):
-        raise ValueError(f"compile must be auto, on or off, not {config.compile!r}")
-    return dtype, compile_
+# %%
+for step in range(2):
+    loss, grad_norm, lrm, dt, batch = _train_step(r, batches, batch, step)
+    print(f"step {step} | loss {loss:.3f} | grad norm {grad_norm:.2f} | lrm {lrm} | {dt:.1f} s")
 
+
+# %% [markdown]
+# ## Evaluation: bits per byte
+#
+# The training loss is measured on the batch the model is about to learn from, and it is noisy; we want a number on
+# text the model never trains on, the same text every time. Validation loss in nats per token would depend on the
+# tokenizer: a bigger vocabulary packs more bytes into a token and so has a larger loss per token. Bits per byte
+# divides that out: sum the loss over the targets, convert nats to bits, and divide by the number of UTF-8 bytes those
+# targets stand for (the tokenizer's `token_bytes` table; special tokens count 0 bytes and are left out, as are
+# ignored targets). With several ranks, each evaluates its own slice of the validation shard and the two sums are
+# added across ranks before dividing.
+
+# %%
+#| export
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes, autocast=nullcontext):
+    "Bits per byte of `model` over `steps` batches of (inputs, targets), summed across ranks."
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y = next(batches)[:2]
+        with autocast():
+            loss = model(x, y, loss_reduction="none").view(-1)
+        y = y.view(-1)
+        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+        counted = nbytes > 0
+        total_nats += loss[counted].double().sum()
+        total_bytes += nbytes[counted].double().sum()
+    if dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    return (total_nats / (math.log(2) * total_bytes)).item()
+
+
+# %% [markdown]
+# A sanity check: an untrained model (zero-initialised `lm_head`, so uniform predictions) has a loss of
+# ln(vocab_size) nats per token, which is log2(vocab_size) / (bytes per token) bits per byte.
+
+# %%
+_vocab, _T = 300, 16
+_model = GPT(GPTConfig(sequence_len=_T, vocab_size=_vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+_tb = torch.full((_vocab,), 2, dtype=torch.int32)
+_y = torch.randint(0, _vocab, (2, _T))
+_bpb = evaluate_bpb(_model, iter([(_y, _y)]), 1, _tb)
+assert abs(_bpb - math.log2(_vocab) / 2) < 1e-3, _bpb
+
+
+# %% [markdown]
+# In the loop, evaluation switches the model to eval mode over every virtual rank's validation batches and keeps the
+# best value seen, which travels with the checkpoint.
+
+# %%
+#| export
+def _evaluate(r, val_batches, loop):
+    "Validation bits per byte over the fixed validation batches; updates the best value in `loop`."
+    r.model.eval()
+    steps = r.eval_steps * (r.data_world // r.world)   # every virtual rank of this process
+    val_bpb = evaluate_bpb(r.model, val_batches(), steps, r.token_bytes, r.autocast)
+    r.model.train()
+    loop["min_val_bpb"] = min(loop["min_val_bpb"] or val_bpb, val_bpb)
+    return val_bpb
+
+
+# %%
+_loop = dict(min_val_bpb=None)
+_bpb1, _bpb2 = _evaluate(r, val_batches, _loop), _evaluate(r, val_batches, _loop)
+print(f"after 2 steps: val bpb {_bpb1:.3f}")
+test_eq(_bpb1, _bpb2)   # the same validation batches every time, so the same number
+
+# %% [markdown]
+# ## Samples: what the model writes
+#
+# Bits per byte says *that* the model learns; a few greedy continuations of fixed prompts say *what*: first repeated
+# common tokens, then indentation and keywords, then plausible Python. Rank 0 alone prints them.
 
 # %%
 #| export
 SAMPLE_PROMPTS = ["def fibonacci(n):", "import os\n", "The purpose of this module is", "class Stack:"]
 
 
+def _sample(r, prompts=SAMPLE_PROMPTS, max_tokens=24):
+    "Print the greedy continuation of each prompt (rank 0 only)."
+    if not r.master:
+        return
+    r.model.eval()
+    for prompt in prompts:
+        ids = r.tokenizer.encode(prompt, prepend=r.tokenizer.bos_id)
+        with r.autocast():
+            out = list(r.model.generate(ids, max_tokens=max_tokens, temperature=0))
+        r.say(f"  sample: {r.tokenizer.decode(ids[1:] + out)!r}")
+    r.model.train()
+
+
+# %%
+_sample(r, prompts=SAMPLE_PROMPTS[:2], max_tokens=12)   # two steps in: not much to read yet
+
+
+# %% [markdown]
+# ## Metrics, one JSON line per step
+#
+# Every step appends one line to `run_dir/metrics/pretrain.jsonl`: easy to tail, to plot, and to read back into
+# the report. When a run resumes from step *s*, the lines the killed run wrote after *s* describe a future that
+# did not happen, so they are dropped first.
+#
+# A crash, or a full disk, in the middle of an append leaves a torn last line: half a JSON record without its
+# newline. Reading tolerates exactly that (the torn line is dropped, and said so); any other line that is not a
+# record with a `step` is an error that names the file and the line, never a bare `JSONDecodeError`.
+
+# %%
+#| export
+class MetricsError(ValueError):
+    "A metrics file that cannot be read; the message names the file, the line and the fix."
+
+
+def _metrics_lines(path, log=None):
+    "[(line, record)] of a metrics file; a torn last line is dropped (and reported through `log`)."
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if i == len(lines):  # the last line, without its newline: an append that never finished
+                if log:
+                    log(f"{path}: dropped a torn last line (a crash or a full disk during a write): {line[:60]!r}")
+                break
+            raise MetricsError(f"{path}:{i} is not a JSON record ({e}); fix: delete that line") from None
+        if not isinstance(record, dict) or not _is_int(record.get("step")):
+            raise MetricsError(f"{path}:{i} is a record without an integer 'step' ({line[:60]!r}); fix: delete "
+                               "that line")
+        out.append((line, record))
+    return out
+
+
+# %%
+#| export
+class MetricsLog:
+    "Append-only JSON-lines log of a stage's steps, trimmed back to the resume point on restart."
+    def __init__(self, path, resume_step=None, enabled=True, log=None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep = []
+        if resume_step is not None and self.path.exists():
+            keep = [line for line, r in _metrics_lines(self.path, log) if r["step"] < resume_step]
+        atomic_write(self.path, lambda f: f.write("".join(l + "\n" for l in keep).encode()))
+
+    def write(self, record):
+        "Append one record."
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def read(path, log=None):
+        "All records of a metrics file (a torn last line is dropped)."
+        return [record for _, record in _metrics_lines(path, log)]
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    path = Path(d) / "pretrain.jsonl"
+    path.write_text('{"step": 0, "loss": 5.1}\n{"step": 1, "loss": 4.7}\n{"step": 2, "lo')  # torn by a crash
+    test_eq([r["step"] for r in MetricsLog.read(path, log=print)], [0, 1])
+    MetricsLog(path, resume_step=1).write({"step": 1, "loss": 4.6})
+    test_eq(MetricsLog.read(path), [{"step": 0, "loss": 5.1}, {"step": 1, "loss": 4.6}])
+    path.write_text('{"step": 0}\n{"loss": 4.7}\n')
+    test_fail(lambda: MetricsLog.read(path), contains="pretrain.jsonl:2")
+
+# %% [markdown]
+# ## How fast is fast? Peak FLOP/s and MFU
+#
+# Model FLOPs utilisation (MFU) is the fraction of the hardware's peak that the training step turns into model
+# arithmetic: FLOPs per token (from `GPT.estimate_flops`: 6 per parameter for the matmuls forward and backward, plus
+# attention) × tokens per step ÷ seconds per step ÷ peak. It answers "how much faster could this step be?", which
+# tokens per second alone cannot. On a GPU the peak is the datasheet's dense bf16 number (nanochat hard-codes the
+# H100's 989 TFLOP/s), and 40–50% is good.
+#
+# A CPU has no datasheet we can trust (the clock moves with temperature and load, and the vector units depend on the
+# model), so here the peak is *measured*: `peak_flops` times square matmuls in the training dtype, the operation the
+# model spends its FLOPs on, at three sizes (the fastest size depends on the caches) and three trials each, and keeps
+# the fastest. CPU MFU then means "the fraction of what this machine's best matmul reaches", not of a theoretical
+# number: a well-fed step reaches 50–70% of it, since attention, norms and the optimizer run slower than a big matmul.
+#
+# On a shared machine the measurement is a sample of a moving target. Another job can hold the cores while the peak
+# is timed, so the peak comes out low and a later quiet step shows MFU above 100%; the loop then measures the peak
+# again (up to three times) and keeps the larger value, so that the peak stays an upper bound in practice. The other
+# direction cannot be corrected: a step that shares its cores is slow and shows a low MFU. With other jobs running,
+# CPU MFU moves by ±10 points from step to step and between runs; compare runs measured on a quiet machine.
+
+# %%
+#| export
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "4090": 165.2e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device, dtype=torch.float32, sizes=(512, 1024, 2048), trials=3):
+    "Peak FLOP/s of one device: the datasheet on a GPU; on a CPU the fastest of timed matmuls of a few sizes."
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), float("nan"))
+    best = 0.0
+    for size in sizes:  # the best size differs between CPUs (caches, blocking), so try a few
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
+        repeats = max(1, 2**30 // size**3)  # about 2 GFLOP per trial
+        for _ in range(trials):  # a busy machine only ever makes a matmul slower: keep the fastest
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            best = max(best, 2 * size**3 * repeats / (time.perf_counter() - t0))
+    return best
+
+
+# %% [markdown]
+# Here is how much the measurement moves on this machine: five measurements in a row, each already the best of nine.
+
+# %%
+_peaks = [peak_flops("cpu", sizes=(512, 1024), trials=2) / 1e9 for _ in range(5)]
+print(f"this CPU, fp32: {max(_peaks):.0f} GFLOP/s at best; five measurements {[round(p) for p in _peaks]}, "
+      f"spread {100 * (max(_peaks) - min(_peaks)) / max(_peaks):.0f}%")
+
+
+# %% [markdown]
+# In the loop, each step's record gets its throughput and MFU; a reading above 100% on a CPU triggers the
+# re-measurement first. The record also carries a smoothed loss (an exponential moving average with its start-up bias
+# divided out, as nanochat prints) and the training time, which leaves out the steps just after a (re)start: those
+# include compilation and warm-up.
+
+# %%
+#| export
+def _mfu(r, dt):
+    "Percent of the peak used by a step of `dt` seconds; a CPU reading above 100% re-measures the peak first."
+    mfu = 100 * r.flops_per_token * r.total_batch / dt / (r.peak * r.world)
+    if mfu > 100 and r.device.type == "cpu" and r.remeasured < 3:  # the peak was measured while the cores were busy
+        r.peak, r.remeasured = max(r.peak, peak_flops(r.device, r.peak_dtype)), r.remeasured + 1
+        mfu = 100 * r.flops_per_token * r.total_batch / dt / (r.peak * r.world)
+    return mfu
+
+
+def _step_record(r, step, loop, train_loss, grad_norm, lrm, dt, timed=True):
+    "The metrics of one step (smoothed loss, learning rate, throughput, MFU); updates the loop state."
+    if timed:
+        loop["total_training_time"] += dt
+    beta = 0.9
+    loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * train_loss
+    smooth = loop["smooth_train_loss"] / (1 - beta ** (step + 1))
+    return dict(loss=train_loss, smooth_loss=smooth, lr_mult=lrm, lr=r.config.matrix_lr * lrm, grad_norm=grad_norm,
+                tokens_per_s=r.total_batch / dt, mfu=_mfu(r, dt), dt=dt, elapsed=loop["total_training_time"])
+
+
+# %%
+r.peak_dtype, r.remeasured = torch.float32, 0
+r.peak = max(_peaks) * 1e9 / 4              # as if the cores had been busy while the peak was timed
+_dt = r.flops_per_token * r.total_batch / (0.5 * max(_peaks) * 1e9)   # a step at half the best measured peak
+_rec = _step_record(r, 0, dict(smooth_train_loss=0.0, total_training_time=0.0), 8.3, 1.0, 1.0, dt=_dt)
+print(f"a peak timed 4x too low would show {4 * 50}% MFU; after {r.remeasured} re-measurement(s): {_rec['mfu']:.0f}%")
+assert _rec["mfu"] <= 100 or r.remeasured == 3
+test_close(_rec["smooth_loss"], 8.3)        # the bias correction: the first smoothed loss is the loss itself
+
+
+# %% [markdown]
+# ## Checkpoints that resume exactly
+#
+# A run that dies at hour three must not start again from zero, and it should not even end *differently*: a resumed
+# run that ends on other weights than an uninterrupted one makes every comparison between runs doubtful. Everything
+# that decides the next update must therefore be saved: the weights, every rank's optimizer shard (Muon's momentum,
+# AdamW's moments), where every rank's data loader stands, and the loop state (smoothed loss, best val bpb, training
+# time). Two details make it exact. The data position recorded is the one *after the last consumed batch*, not after
+# the prefetched one. And a checkpoint is written only after `check_finite` has seen finite weights, so a NaN never
+# replaces a good checkpoint. `save_checkpoint` (chapter 05) writes each part atomically and the meta file last, as
+# the marker that the checkpoint is whole; old checkpoints beyond `keep_checkpoints` are pruned.
+
+# %%
+#| export
+def _save(r, step, batches, loop, val_bpb):
+    "Save weights, every rank's optimizer shard, every rank's data position and the loop state; prune old ones."
+    check_finite(step, r.ckpt_dir, val_bpb=val_bpb, weights=r.model)  # never save a NaN over a good checkpoint
+    all_states = [None] * r.world
+    mine = batches.state_dict()
+    if r.world > 1:
+        dist.all_gather_object(all_states, mine)
+    else:
+        all_states = [mine]
+    meta = dict(step=step, val_bpb=val_bpb, model_config=asdict(r.model_config), user_config=asdict(r.config),
+                device_batch_size=r.B, max_seq_len=r.T, total_batch_size=r.total_batch,
+                num_iterations=r.num_iterations, world_size=r.world, data_world_size=r.data_world,
+                dataloader_state=all_states, loop_state=loop, fingerprints=r.fingerprints)
+    save_checkpoint(r.ckpt_dir, step, r.model.state_dict(), {"optimizers": [o.state_dict() for o in r.optimizers]},
+                    meta, rank=r.rank, barrier=dist.barrier if r.world > 1 else None)
+    r.say(f"saved checkpoint {r.ckpt_dir}/model_{step:06d}.pt")
+    if r.master and r.config.keep_checkpoints > 0:
+        prune_checkpoints(r.ckpt_dir, r.config.keep_checkpoints, remove_temps=False)
+
+
+# %% [markdown]
+# Resuming loads the latest checkpoint, but first checks that it belongs to this run: the same model shape, the same
+# number of processes and data ranks, the same tokenizer and data (their fingerprints), and a step that is not past
+# the end. Each refusal is one line that names the file and the fix.
+
+# %%
+#| export
+def _new_loop_state():
+    "The loop state of a fresh run: best val bpb, smoothed loss, training time."
+    return dict(min_val_bpb=None, smooth_train_loss=0.0, total_training_time=0.0)
+
+
+def _check_resumable(r, meta, meta_path, step, allow):
+    "Refuse a checkpoint that another kind of run wrote, or one past the end of this run."
+    if checkpoint_part(meta, "model_config", meta_path) != asdict(r.model_config):
+        raise ValueError(f"checkpoint in {r.ckpt_dir} has model_config {meta['model_config']}, this run builds "
+                         f"{asdict(r.model_config)}: resume with the same --depth/--sequence-len and tokenizer")
+    if meta.get("world_size", r.world) != r.world or meta.get("data_world_size", r.data_world) != r.data_world:
+        raise ValueError(f"checkpoint was written by {meta.get('world_size')} rank(s) reading as "
+                         f"{meta.get('data_world_size')}; resume with the same number of processes")
+    unchecked = check_fingerprints(meta_path, meta.get("fingerprints"), r.fingerprints, allow)
+    if unchecked:
+        r.say(f"note: {meta_path} records no fingerprint of the {' and '.join(unchecked)} (an older checkpoint): "
+              "not checked")
+    if step > r.num_iterations:
+        raise ValueError(f"{meta_path} is at step {step}, past --num-iterations {r.num_iterations}, so the run "
+                         f"would never end; fix: --num-iterations {step} or more, or --overwrite to start over")
+
+
+# %%
+#| export
+def _resume(r, allow=()):
+    "Load the latest checkpoint into `r`'s model and optimizers; returns (step, loop state, data state, val bpb)."
+    step = latest_step(r.ckpt_dir)
+    if step is None:
+        r.say(f"nothing to resume in {r.ckpt_dir}: starting from scratch")
+        return 0, _new_loop_state(), None, None
+    model_state, optim_state, meta = load_checkpoint(r.ckpt_dir, step, r.device, load_optimizer=True, rank=r.rank)
+    model_path, meta_path, optim_path = _paths(r.ckpt_dir, step, r.rank)
+    _check_resumable(r, meta, meta_path, step, allow)
+    loop = checkpoint_part(meta, "loop_state", meta_path)
+    data_states = checkpoint_part(meta, "dataloader_state", meta_path, list)[r.rank]
+    _check_state(r.model.state_dict(), model_state, model_path)
+    r.model.load_state_dict(model_state, strict=True)
+    restore_optimizers(r.optimizers, optim_state, optim_path)
+    if meta.get("num_iterations", r.num_iterations) != r.num_iterations:
+        r.say(f"note: the checkpoint was trained toward {meta['num_iterations']} steps; the learning-rate "
+              f"schedule now aims at {r.num_iterations}")
+    r.say(f"resumed from step {step} ({r.ckpt_dir})")
+    if step == r.num_iterations:
+        r.say(f"the run already reached step {step} of {r.num_iterations}: nothing to train (raise "
+              "--num-iterations to train on)")
+    return step, loop, data_states, meta.get("val_bpb")
+
+
+# %% [markdown]
+# On the two steps we took above: save at step 2, set up a second run from the same config, resume it, and compare.
+# The weights and Muon's momentum buffers are equal, and the batch the resumed run trains on next is the batch the
+# first run had prefetched for its third step.
+
+# %%
+clear_checkpoints(r.ckpt_dir)
+_loop = _new_loop_state()
+_save(r, 2, batches, _loop, val_bpb=None)
+r2 = _setup(Path(run_dir), r.config, resume=True, overwrite=False, log=print)
+_step, _loop2, _data_states, _ = _resume(r2)
+_batches2, _ = _open_data(r2, _data_states, _step)
+test_eq((_step, _loop2), (2, _loop))
+assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), r2.model.state_dict().values()))
+assert all(torch.equal(r.optimizers[1].state[p]["momentum_buffer"], r2.optimizers[1].state[q]["momentum_buffer"])
+           for p, q in zip(r.model.transformer.h.parameters(), r2.model.transformer.h.parameters()))
+test_eq(next(_batches2)[0], batch[0])
+
+
+# %% [markdown]
+# ## The loop
+#
+# `pretrain` is nanochat's `base_train`, assembled from the pieces above. The loop runs `num_iterations + 1` times so
+# that the last pass can evaluate and save the finished model: each pass first evaluates, samples and saves when they
+# are due (the model then has taken `step` optimizer steps), then trains one step and writes one metrics line.
+
+# %%
+#| export
+def _eval_sample_save(r, step, first, batches, val_batches, loop, record, val_bpb):
+    "Evaluate, sample and save when due, and always at the last step; returns the latest val bpb."
+    last = step == r.num_iterations
+    due = lambda every: last or (every > 0 and step % every == 0)
+    if due(r.config.eval_every):
+        val_bpb = record["val_bpb"] = _evaluate(r, val_batches, loop)
+        r.say(f"step {step:05d} | val bpb {val_bpb:.4f}")
+    if due(r.config.sample_every):
+        _sample(r)
+    if not first and due(r.config.save_every):   # a resumed run does not save the step it loaded again
+        _save(r, step, batches, loop, val_bpb)
+    return val_bpb
+
+
+def _summary(r, step, loop, val_bpb):
+    "What `pretrain` returns: where the run ended, how well, and where its checkpoints are."
+    return dict(step=step, val_bpb=val_bpb, min_val_bpb=loop.get("min_val_bpb"), num_params=r.num_params,
+                total_training_time=loop.get("total_training_time"), final_loss=loop.get("smooth_train_loss"),
+                checkpoint_dir=str(r.ckpt_dir))
+
+
+# %%
+#| export
+def _start(r, step, data_states, resume, overwrite):
+    "Compile, open the data, clear an overwritten run, open the metrics and time the peak; returns the streams."
+    r.train_model = torch.compile(r.model, dynamic=False) if r.use_compile else r.model
+    batches, val_batches = _open_data(r, data_states, step)
+    if overwrite and r.master:
+        r.say(f"--overwrite: deleted {clear_checkpoints(r.ckpt_dir)} checkpoint file(s) and the metrics of the "
+              "earlier run")
+    metrics = MetricsLog(r.metrics_path, resume_step=step if resume else None, enabled=r.master, log=r.say)
+    r.peak_dtype = torch.bfloat16 if r.dtype == "bf16" else torch.float32
+    r.peak, r.remeasured = peak_flops(r.device, r.peak_dtype), 0
+    return batches, val_batches, metrics
+
+
+# %%
+#| export
+def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
+    "The loop of `pretrain`, run while the run directory is held."
+    r = _setup(run_dir, config, resume, overwrite, log)
+    step, loop, data_states, val_bpb = _resume(r, allow) if resume else (0, _new_loop_state(), None, None)
+    if step == r.num_iterations:   # a resumed run with nothing left to train
+        cleanup_distributed()
+        return _summary(r, step, loop, val_bpb)
+    batches, val_batches, metrics = _start(r, step, data_states, resume, overwrite)
+    batch, resume_step = next(batches), step
+    while True:
+        record = {"step": step}
+        val_bpb = _eval_sample_save(r, step, step == resume_step, batches, val_batches, loop, record, val_bpb)
+        if step == r.num_iterations:
+            break
+        loss, grad_norm, lrm, dt, batch = _train_step(r, batches, batch, step)
+        record.update(_step_record(r, step, loop, loss, grad_norm, lrm, dt, timed=step > resume_step))
+        metrics.write(record)
+        if on_step:
+            on_step(record)
+        if step % max(1, r.num_iterations // 20) == 0 or step < 3:
+            r.say(f"step {step:05d}/{r.num_iterations} | loss {loss:.4f} | lrm {lrm:.2f} | "
+                  f"{record['tokens_per_s']:,.0f} tok/s | mfu {record['mfu']:.1f}% | {dt * 1000:.0f} ms")
+        step += 1
+    if len(record) > 1:   # the final evaluation
+        metrics.write(record | {"elapsed": loop["total_training_time"]})
+        if on_step:
+            on_step(record)
+    cleanup_distributed()
+    return _summary(r, step, loop, val_bpb)
+
+
+# %% [markdown]
+# Around the loop, `pretrain` checks every setting before it touches a file, and holds the run directory (below, in
+# "Going further") so that no other process writes the same stage.
+
+# %%
+#| export
 def pretrain(run_dir, config=None, resume=False, on_step=None, log=print, overwrite=False,
              allow_data_change=False, allow_tokenizer_change=False):
     "Train a base model on `run_dir/data` with `run_dir/tokenizer`; returns a summary dict."
@@ -560,206 +1126,21 @@ def pretrain(run_dir, config=None, resume=False, on_step=None, log=print, overwr
         return _pretrain(run_dir, config, resume, overwrite, allow, on_step, log)
 
 
-def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
-    "The loop of `pretrain`, run while the run directory is held."
-    info = init_distributed(torch.device(config.device).type if config.device else None)
-    rank, world = info.rank, info.world_size
-    device = torch.device(config.device) if config.device else info.device
-    master = rank == 0
-    say = log if master else (lambda *a, **k: None)
-    dtype, use_compile = _resolve(config, device)
-    autocast = _autocast_factory(device, dtype)
-    torch.manual_seed(config.seed)
+# %% [markdown]
+# ### The full loop computes what the simple one does
+#
+# With the features that change the arithmetic turned off (one micro-step, no clipping) and the same seed, data and
+# schedules, `pretrain` must train exactly as `simple_loop` does: the same loss at every step, to the last bit.
+# Evaluation, samples, checkpoints and metrics only read the model, so they may stay on. A small model keeps it quick.
 
-    tokenizer = Tokenizer.load(run_dir / "tokenizer")
-    token_bytes = tokenizer.token_bytes.to(device)
-    ckpt_dir, metrics_path = checkpoint_dir(run_dir, "base"), run_dir / "metrics" / "pretrain.jsonl"
-    if not resume and not overwrite:
-        check_stage_empty(ckpt_dir, metrics_path)  # a fresh run never lands on an earlier one
-    fingerprints = {"tokenizer": tokenizer.fingerprint, "data": shards_fingerprint(run_dir / "data")}
-    model_config = GPTConfig.from_depth(config.depth, sequence_len=config.sequence_len,
-                                        vocab_size=tokenizer.vocab_size)
-    model = build_model(model_config, device)
-    num_params, flops_per_token = model.num_params(), model.estimate_flops()
-
-    B, T = config.device_batch_size, config.sequence_len
-    total_batch = config.total_batch_size if config.total_batch_size > 0 else B * T * world
-    accum = grad_accum_steps(total_batch, B, T, world)
-    data_world = config.data_world_size if config.data_world_size > 0 else world
-    if (accum * world) % data_world:
-        raise ValueError(f"{accum} micro-steps on {world} rank(s) cannot be spread evenly over "
-                         f"data_world_size={data_world}; pick a data_world_size that divides {accum * world}")
-    num_iterations = (config.num_iterations if config.num_iterations > 0
-                      else training_horizon(num_params, config.target_param_data_ratio, total_batch))
-    optimizers = setup_optimizers(model, unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                  matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
-    say(f"model: depth {config.depth}, {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token | "
-        f"{world} rank(s) on {device.type}, {dtype}, compile {use_compile}")
-    say(f"batch: {total_batch:,} tokens/step = {B} rows x {T} tokens x {world} rank(s) x {accum} micro-step(s); "
-        f"{num_iterations} steps = {num_iterations * total_batch:,} tokens")
-
-    # --- resume: model, this rank's optimizer shard, data positions, loop state
-    step, loop = 0, dict(min_val_bpb=None, smooth_train_loss=0.0, total_training_time=0.0)
-    data_states, val_bpb = None, None
-    if resume and latest_step(ckpt_dir) is not None:
-        step = latest_step(ckpt_dir)
-        model_state, optim_state, meta = load_checkpoint(ckpt_dir, step, device, load_optimizer=True, rank=rank)
-        model_path, meta_path, optim_path = _paths(ckpt_dir, step, rank)
-        if checkpoint_part(meta, "model_config", meta_path) != asdict(model_config):
-            raise ValueError(f"checkpoint in {ckpt_dir} has model_config {meta['model_config']}, this run builds "
-                             f"{asdict(model_config)}: resume with the same --depth/--sequence-len and tokenizer")
-        if meta.get("world_size", world) != world or meta.get("data_world_size", data_world) != data_world:
-            raise ValueError(f"checkpoint was written by {meta.get('world_size')} rank(s) reading as "
-                             f"{meta.get('data_world_size')}; resume with the same number of processes")
-        unchecked = check_fingerprints(meta_path, meta.get("fingerprints"), fingerprints, allow)
-        if unchecked:
-            say(f"note: {meta_path} records no fingerprint of the {' and '.join(unchecked)} (an older checkpoint): "
-                "not checked")
-        val_bpb = meta.get("val_bpb")
-        if step > num_iterations:
-            raise ValueError(f"{meta_path} is at step {step}, past --num-iterations {num_iterations}, so the run "
-                             f"would never end; fix: --num-iterations {step} or more, or --overwrite to start over")
-        loop = checkpoint_part(meta, "loop_state", meta_path)
-        data_states = checkpoint_part(meta, "dataloader_state", meta_path, list)[rank]
-        _check_state(model.state_dict(), model_state, model_path)
-        model.load_state_dict(model_state, strict=True)
-        restore_optimizers(optimizers, optim_state, optim_path)
-        if meta.get("num_iterations", num_iterations) != num_iterations:
-            say(f"note: the checkpoint was trained toward {meta['num_iterations']} steps; the learning-rate "
-                f"schedule now aims at {num_iterations}")
-        say(f"resumed from step {step} ({ckpt_dir})")
-        if step == num_iterations:
-            say(f"the run already reached step {step} of {num_iterations}: nothing to train (raise "
-                "--num-iterations to train on)")
-            cleanup_distributed()
-            return dict(step=step, val_bpb=val_bpb, min_val_bpb=loop.get("min_val_bpb"), num_params=num_params,
-                        total_training_time=loop.get("total_training_time"),
-                        final_loss=loop.get("smooth_train_loss"), checkpoint_dir=str(ckpt_dir))
-    elif resume:
-        say(f"nothing to resume in {ckpt_dir}: starting from scratch")
-
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
-    data_dir = run_dir / "data"
-
-    def make_loader(r, state, split="train"):
-        return DataLoader(tokenizer, data_dir, B, T, split=split, rank=r, world_size=data_world,
-                          device=device, packing=config.packing, state=state)
-
-    try:
-        batches = RankedBatches(make_loader, rank, world, data_world, data_states)
-    except (KeyError, TypeError, IndexError, ValueError) as e:
-        if data_states is None:
-            raise
-        raise CheckpointError(f"{meta_path}: its dataloader_state does not fit this run ({type(e).__name__}: {e}); "
-                              "fix: resume with the settings it was saved with, or start over with --overwrite") from e
-    if overwrite and master:
-        say(f"--overwrite: deleted {clear_checkpoints(ckpt_dir)} checkpoint file(s) and the metrics of the earlier run")
-    metrics = MetricsLog(metrics_path, resume_step=step if resume else None, enabled=master, log=say)
-    peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    peak, remeasured = peak_flops(device, peak_dtype), 0
-    eval_steps = max(1, config.eval_tokens // (B * T * data_world))   # per virtual rank
-
-    val_cache = []
-
-    def val_batches():
-        "The same validation batches at every evaluation: each virtual rank's slice, tokenised once."
-        if not val_cache:
-            for r in batches.ranks:
-                val_cache.extend(islice(iter(make_loader(r, None, "val")), eval_steps))
-        return iter(val_cache)
-
-    def due(every):
-        return every > 0 and step % every == 0
-
-    x, y, token = next(batches)
-    resume_step = step
-    while True:
-        last = step == num_iterations
-        record = {"step": step}
-        # --- evaluate, sample, save (the model here has taken `step` optimizer steps)
-        if last or due(config.eval_every):
-            model.eval()
-            val_bpb = evaluate_bpb(model, val_batches(), eval_steps * len(batches.ranks), token_bytes, autocast)
-            loop["min_val_bpb"] = min(loop["min_val_bpb"] or val_bpb, val_bpb)
-            record["val_bpb"] = val_bpb
-            say(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            model.train()
-        if master and (last or due(config.sample_every)):
-            model.eval()
-            for prompt in SAMPLE_PROMPTS:
-                ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-                with autocast():
-                    out = list(model.generate(ids, max_tokens=24, temperature=0))
-                say(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
-            model.train()
-        if step > resume_step and (last or due(config.save_every)):
-            check_finite(step, ckpt_dir, val_bpb=val_bpb, weights=model)  # never save a NaN over a good checkpoint
-            all_states = [None] * world
-            mine = batches.state_dict()
-            if world > 1:
-                dist.all_gather_object(all_states, mine)
-            else:
-                all_states = [mine]
-            meta = dict(step=step, val_bpb=val_bpb, model_config=asdict(model_config), user_config=asdict(config),
-                        device_batch_size=B, max_seq_len=T, total_batch_size=total_batch,
-                        num_iterations=num_iterations, world_size=world, data_world_size=data_world,
-                        dataloader_state=all_states, loop_state=loop, fingerprints=fingerprints)
-            save_checkpoint(ckpt_dir, step, model.state_dict(), {"optimizers": [o.state_dict() for o in optimizers]},
-                            meta, rank=rank, barrier=dist.barrier if world > 1 else None)
-            say(f"saved checkpoint {ckpt_dir}/model_{step:06d}.pt")
-            if master and config.keep_checkpoints > 0:
-                prune_checkpoints(ckpt_dir, config.keep_checkpoints, remove_temps=False)
-        if last:
-            if len(record) > 1:
-                metrics.write(record | {"elapsed": loop["total_training_time"]})
-                if on_step:
-                    on_step(record)
-            break
-
-        # --- one optimizer step: accumulate gradients over the micro-steps
-        t0 = time.perf_counter()
-        train_loss = torch.zeros((), device=device)
-        for _ in range(accum):
-            with autocast():
-                loss = train_model(x, y)
-            train_loss += loss.detach()
-            (loss / accum).backward()
-            batches.consumed(token)
-            x, y, token = next(batches)   # prefetch while the GPU works
-        lrm = lr_multiplier(step, num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
-        train_loss, grad_norm = optimizer_step(model, optimizers, train_loss / accum, lrm, muon_momentum(step),
-                                               config.grad_clip, step, ckpt_dir)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-
-        # --- bookkeeping: the first steps are warm-up (compilation), so they do not count towards the time
-        if step > resume_step:
-            loop["total_training_time"] += dt
-        beta = 0.9
-        loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * train_loss
-        smooth = loop["smooth_train_loss"] / (1 - beta ** (step + 1))
-        tok_per_s = total_batch / dt
-        mfu = 100 * flops_per_token * total_batch / dt / (peak * world)
-        if mfu > 100 and device.type == "cpu" and remeasured < 3:  # the peak was measured while the cores were busy
-            peak, remeasured = max(peak, peak_flops(device, peak_dtype)), remeasured + 1
-            mfu = 100 * flops_per_token * total_batch / dt / (peak * world)
-        record.update(loss=train_loss, smooth_loss=smooth, lr_mult=lrm, lr=config.matrix_lr * lrm,
-                      grad_norm=grad_norm, tokens_per_s=tok_per_s, mfu=mfu, dt=dt,
-                      elapsed=loop["total_training_time"])
-        metrics.write(record)
-        if on_step:
-            on_step(record)
-        if step % max(1, num_iterations // 20) == 0 or step < 3:
-            say(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.2f} | "
-                f"{tok_per_s:,.0f} tok/s | mfu {mfu:.1f}% | {dt * 1000:.0f} ms")
-        step += 1
-
-    summary = dict(step=step, val_bpb=val_bpb, min_val_bpb=loop["min_val_bpb"], num_params=num_params,
-                   total_training_time=loop["total_training_time"], final_loss=loop["smooth_train_loss"],
-                   checkpoint_dir=str(ckpt_dir))
-    cleanup_distributed()
-    return summary
+# %%
+_simple = simple_loop(run_dir, steps=6, depth=2, B=4, T=64, every=10)
+_off = make_config(depth=2, sequence_len=64, device_batch_size=4, num_iterations=6, packing="stream", grad_clip=0.0,
+                   eval_every=3, eval_tokens=256, sample_every=-1, device="cpu")
+pretrain(run_dir, _off, overwrite=True, log=lambda *a: None)
+_full = [r["loss"] for r in MetricsLog.read(Path(run_dir) / "metrics" / "pretrain.jsonl") if "loss" in r]
+print("simple:", [round(l, 4) for l in _simple], "\nfull:  ", [round(l, 4) for l in _full])
+test_eq(_full, _simple)
 
 
 # %% [markdown]
@@ -771,11 +1152,11 @@ def _pretrain(run_dir, config, resume, overwrite, allow, on_step, log):
 # %%
 #| export
 class LiveLossChart:
-    "An `on_step` callback that redraws the training loss and validation bpb in place, in a notebook."
-    def __init__(self, every=5, title="pretraining"):
+    "An `on_step` callback that redraws the training loss and a validation metric (bpb by default) in a notebook."
+    def __init__(self, every=5, title="pretraining", val_key="val_bpb", val_label="validation bits per byte"):
         import matplotlib.pyplot as plt
         from IPython.display import display
-        self.every, self.records = every, []
+        self.every, self.records, self.val_key, self.val_label = every, [], val_key, val_label
         self.fig, (self.ax_loss, self.ax_bpb) = plt.subplots(1, 2, figsize=(10, 3.2))
         self.fig.suptitle(title)
         plt.close(self.fig)  # shown only through the display handle
@@ -789,13 +1170,13 @@ class LiveLossChart:
     def draw(self):
         "Redraw both panels from the records so far."
         train = [r for r in self.records if "loss" in r]
-        val = [r for r in self.records if "val_bpb" in r]
+        val = [r for r in self.records if r.get(self.val_key) is not None]
         self.ax_loss.clear(); self.ax_bpb.clear()
         self.ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.5, label="loss")
         self.ax_loss.plot([r["step"] for r in train], [r["smooth_loss"] for r in train], label="smoothed")
         self.ax_loss.set(xlabel="step", ylabel="train loss (nats/token)"); self.ax_loss.legend()
-        self.ax_bpb.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", color="C2")
-        self.ax_bpb.set(xlabel="step", ylabel="validation bits per byte")
+        self.ax_bpb.plot([r["step"] for r in val], [r[self.val_key] for r in val], "o-", color="C2")
+        self.ax_bpb.set(xlabel="step", ylabel=self.val_label)
         self.fig.tight_layout()
         if self.handle is not None:
             self.handle.update(self.fig)
@@ -804,22 +1185,9 @@ class LiveLossChart:
 # %% [markdown]
 # ## A run, start to finish
 #
-# Here is the whole base stage on the default corpus, at a size that a laptop finishes in well under a minute: a
-# 4096-token vocabulary, the standard library packed into shards, and 20 steps of a depth-4 model. (The `micro`
-# preset of `nanochat-nb pretrain` runs the same thing for 160 steps; set `num_iterations` below to try it.)
-
-# %% tags=["parameters"]
-run_dir = "../runs/chapter06"
-vocab_size = 4096
-num_iterations = 20
-
-# %%
-from nanochat_nb.data import prepare_data
-from nanochat_nb.tokenizer import train_tokenizer
-
-tok_stats = train_tokenizer(run_dir, vocab_size=vocab_size, max_chars=20_000_000)
-data_stats = prepare_data(run_dir)
-print(tok_stats, data_stats, sep="\n")
+# Here is the whole base stage with every feature on: the `micro` preset (two micro-steps of 8 × 256 tokens per
+# step, clipping, the schedules) for 20 steps, evaluated every 5. (The `micro` preset of `nanochat-nb pretrain` runs
+# the same thing for 160 steps; set `num_iterations` at the top to try it.)
 
 # %%
 config = make_config("micro", num_iterations=num_iterations, eval_every=5, sample_every=-1, save_every=-1,
@@ -838,13 +1206,16 @@ records = MetricsLog.read(Path(run_dir) / "metrics" / "pretrain.jsonl")
 bpbs = [r["val_bpb"] for r in records if "val_bpb" in r]
 print(f"{len(records)} records; val bpb {bpbs[0]:.3f} -> {bpbs[-1]:.3f}")
 assert len(records) == num_iterations + 1 and bpbs[-1] < bpbs[0] - 0.5
+print("MFU per step (%):", [round(r["mfu"]) for r in records if "mfu" in r])
 
 # %% [markdown]
 # Measured on a 2-core CPU with nothing else running, the full `micro` preset (`make speedrun`: 160 steps, 655K
 # tokens, fp32) trains at about 0.9 s per step (≈4,400 tokens/s, ≈65% of the measured fp32 peak), 149 s in all,
 # and its validation bits per byte go 3.23 → 2.39 → 2.28 → 2.16 → 1.93 at steps 0, 40, 80, 120 and 160. The same
 # preset under `torchrun --nproc_per_node=2` takes about 1.0 s per step and ends at 2.01 (two ranks read the data in
-# another order). `docs/benchmarks.md` keeps these numbers.
+# another order). `docs/benchmarks.md` keeps these numbers. The MFU column above moves from step to step by more
+# than the model does: the first step includes warm-up, and on a machine shared with other jobs each step gets
+# whatever the cores have left.
 
 # %% [markdown]
 # ## Many processes, one result
@@ -856,7 +1227,10 @@ assert len(records) == num_iterations + 1 and bpbs[-1] < bpbs[0] - 0.5
 # torchrun --standalone --nproc_per_node=2 -m nanochat_nb.cli pretrain --preset micro --run-dir runs/demo
 # ```
 #
-# On a CPU that uses gloo; on GPUs nccl. The test suite (`tests/test_pretrain.py`) runs two processes on gloo and
+# On a CPU that uses gloo; on GPUs nccl. Nothing in the loop above is specific to one process: `_setup` joins the
+# process group, `RankedBatches` gives each rank its data ranks, `clip_gradients` and the distributed optimizers
+# average the gradients, `evaluate_bpb` adds its sums across ranks, `_save` gathers every rank's data position and
+# writes every rank's optimizer shard. The test suite (`tests/test_pretrain.py`) runs two processes on gloo and
 # checks that their losses and final weights equal those of one process with two micro-steps on the same global
 # batches, and that a run killed with SIGKILL and restarted with `--resume` ends on the same weights as a run that
 # was never interrupted.
@@ -913,10 +1287,13 @@ for attempt in (lambda: pretrain(run_dir, config),
 # %% [markdown]
 # ## Summary and exercises
 #
-# We built the base training loop: presets and a flat config, MFU against a measured or datasheet peak, bits per
-# byte, a JSON-lines metrics log, exact gradient clipping across ranks, data read as any number of ranks, and
-# checkpoints that resume exactly; around it, settings checked before anything is touched, a run directory that one
-# process owns, and no NaN ever saved.
+# We built the base training loop in steps. First twenty lines: model, optimizers, batches, forward, backward, step.
+# Then what a real run needs, each piece a small function: a checked config with presets, gradient accumulation,
+# data read as any number of ranks, clipping of the rank-averaged gradient inside one optimizer step that every
+# stage shares, validation bits per byte, samples, a JSON-lines metrics log, MFU against a measured or datasheet
+# peak, and checkpoints that resume exactly; with the features off, the full loop computes the simple loop's losses
+# to the last bit. Around it, settings checked before anything is touched, a run directory that one process owns,
+# and no NaN ever saved.
 #
 # 1. Train the `micro` preset with `--dtype bf16` and compare the loss curve and tokens/s with fp32.
 # 2. Turn `warmdown_ratio` to 0 and then to 0.5: how does the final validation bpb move?

@@ -1025,6 +1025,7 @@ for first, n, total in runs:
 # does not make tool calls.
 
 # %%
+#| fig-alt: "A screenshot of the chat page in headless Chromium after one exchange: the user's message and the model's streamed reply."
 def screenshot(url):
     "A PNG of the chat page after one exchange, taken by headless Chromium through Playwright."
     from playwright.sync_api import sync_playwright

@@ -673,6 +673,7 @@ assert all(r.ok for r in results), [(p["task_id"], r.reason) for p, r in zip(pro
 # Most of a run is starting Python twice (the launcher and the program); only a few problems take longer.
 
 # %%
+#| fig-alt: "Histogram of milliseconds per program for the 164 canonical HumanEval solutions run in the sandbox."
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.hist([r.seconds * 1000 for r in results], bins=40)
 ax.set_xlabel("milliseconds per program (start, run, kill, clean up)"), ax.set_ylabel("problems")

@@ -1087,6 +1087,7 @@ test_eq([TaskMixture(repeated).source(i) for i in range(len(pairs))], pairs)
 # sizes, rather than one after another.
 
 # %%
+#| fig-alt: "A strip of 300 coloured cells, one per conversation of the mixture, coloured by the task it came from: the tasks are interleaved, not in blocks."
 codes = np.array([mix.source(i)[0] for i in range(300)])
 fig, ax = plt.subplots(figsize=(11, 1.3))
 ax.imshow(codes[None, :], aspect="auto", cmap=plt.matplotlib.colors.ListedColormap(

@@ -52,7 +52,8 @@ chapters = {p.stem: p.name for p in sorted(nbs.glob("[0-9]*.ipynb"))}
 pipeline = [("tokenizer", "tokenizer/", "01_tokenizer"), ("data", "data/shard_*.parquet", "04_data"),
             ("pretrain", "checkpoints/base/", "06_pretrain"), ("midtrain", "checkpoints/mid/", "11_midtrain"),
             ("SFT", "checkpoints/sft/", "12_sft"), ("RL", "checkpoints/rl/", "13_rl"),
-            ("eval", "bpb, CORE, ChatCORE", "10_eval"), ("chat", "terminal and web chat", "08_chat")]
+            ("eval", "bpb, CORE, ChatCORE", "10_eval"), ("report", "report/report.md, *.png", "14_report"),
+            ("chat", "terminal and web chat", "08_chat")]
 stages = [st for st in pipeline if st[2] in chapters]
 
 # %%

@@ -1,5 +1,5 @@
-"""The inference engine: cache == no cache, batched samples == separate runs, tool use, a hostile calculator, and the
-loader on our run directories and on a checkpoint directory in nanochat's own layout."""
+"""The inference engine: cache == no cache, batched samples == separate runs, many prompts decoded together == one call
+per prompt (padding, seeds, tools, stops), tool use, a hostile calculator, and the loader on our run directories and on a checkpoint directory in nanochat's own layout."""
 import json, pickle, signal, string
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nanochat_nb.checkpoint import CheckpointError, checkpoint_dir, save_checkpoint
-from nanochat_nb.engine import (Engine, ScriptedModel, calculator, generate_naive, latest_stage, load_for_inference,
-                                sample_tokens, row_generators)
+from nanochat_nb.engine import (Engine, ScriptedModel, calculator, decode_step, fused_qkv, generate_naive, latest_stage,
+                                length_groups, load_for_inference, prefill_rows, sample_tokens, row_generators)
 from nanochat_nb.model import GPTConfig, build_model
 from nanochat_nb.tokenizer import Tokenizer
 
@@ -134,6 +134,98 @@ def test_rows_keep_their_shape_after_stopping(loaded):
     assert steps[-1][0] == [sp("<|assistant_end|>")] * 2  # the stop token is yielded, then the generator ends
     assert len(steps) == len(tok.encode("hi")) + 1
 
+
+
+# --- many prompts decoded together
+
+MANY = ["def main():", "x", "The quick brown fox jumps", "import os\n", "class A:", "for i in range(3):", "y = 2",
+        "return self.value + other.value"]
+
+
+def test_padded_decode_step_equals_each_row_alone(loaded):
+    model, tok = loaded
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in MANY[:4]]
+    with torch.inference_mode():
+        cache, logits, pad = prefill_rows(model, prompts, 2, 64)
+        assert pad.tolist() == [max(map(len, prompts)) - len(p) for p in prompts for _ in range(2)]
+        idx = logits.argmax(-1)
+        together = decode_step(model, idx, cache, fused_qkv(model), pad)
+        for i, p in enumerate(prompts):
+            alone, last = prefill_rows(model, [p], 1, 64)[:2]
+            assert torch.equal(last[0], logits[2 * i])  # each prompt is read alone: the very same numbers
+            got = decode_step(model, idx[2 * i:2 * i + 1], alone, fused_qkv(model))
+            assert torch.allclose(got[0], together[2 * i], atol=1e-4), (got[0] - together[2 * i]).abs().max()
+
+
+@pytest.mark.parametrize("temperature, num_samples, batch_size", [(0, 1, 3), (0, 1, 8), (1.0, 3, 4), (0.8, 2, 1)])
+def test_many_prompts_equal_one_call_per_prompt(loaded, temperature, num_samples, batch_size):
+    model, tok = loaded
+    engine = Engine(model, tok)
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in MANY]
+    seeds = [3 * i + 1 for i in range(len(prompts))]
+    kw = dict(max_tokens=24, temperature=temperature, top_k=40)
+    together = engine.generate_many(prompts, num_samples, batch_size, seed=seeds, **kw)
+    assert together == [engine.generate_batch(p, num_samples, seed=s, **kw) for p, s in zip(prompts, seeds)]
+    if temperature:  # one seed for all: each prompt draws with seed + j, as a call of its own would
+        assert engine.generate_many(prompts[:3], num_samples, batch_size, seed=5, **kw) == [
+            engine.generate_batch(p, num_samples, seed=5, **kw) for p in prompts[:3]]
+
+
+def test_buckets_of_one_length_without_the_fast_step(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok)
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in MANY]
+    slow = engine.generate_many(prompts, 2, 4, max_tokens=16, temperature=0.9, seed=2, fast=False)
+    assert slow == engine.generate_many(prompts, 2, 4, max_tokens=16, temperature=0.9, seed=2)
+    with pytest.raises(ValueError, match="different lengths"):
+        list(engine.generate_rows(prompts[:2], max_tokens=4, fast=False))
+    assert length_groups([4, 2, 4, 3, 2, 4], 2, mixed=False) == [[1, 4], [3], [0, 2], [5]]
+    assert length_groups([4, 2, 4, 3, 2, 4], 4) == [[1, 4, 3, 0], [2, 5]]
+
+
+def test_many_prompts_with_tools_stops_and_different_ends(loaded):
+    model, tok = loaded
+    sp, end = tok.encode_special, tok.encode_special("<|assistant_end|>")
+
+    def tool(expr, after):
+        forced = [sp("<|output_start|>"), *tok.encode(calculator(expr)), sp("<|output_end|>")]
+        return ([sp("<|python_start|>"), *tok.encode(expr), sp("<|python_end|>")] + [tok.encode("?")[0]] * len(forced)
+                + tok.encode(after) + [end])
+
+    prompts = [[tok.bos_id, t] for t in (10, 11, 12, 13, 14, 15)] + [[tok.bos_id, 16, 17]]
+    scripts = dict(zip(map(tuple, prompts), [tool("12*7", " ok"), tok.encode(" a b c STOP d e f"), [end],
+                                             tok.encode(" plain text") + [end], tok.encode(" never ends " * 10),
+                                             tool("'strawberry'.count('r')", " STOP here"), tool("2+2", "")]))
+    engine = Engine(ScriptedModel(scripts, model.config, end), tok)
+    stop = lambda text: "STOP" in text
+
+    def alone(p):  # one call, cut where stop first holds
+        (row,), (mask,) = engine.generate_batch(p, max_tokens=30)
+        k = next((k for k in range(len(p) + 1, len(row) + 1) if stop(tok.decode(row[len(p):k]))), len(row))
+        return [row[:k]], [mask[:k]]
+
+    for batch_size in (1, 4, 8):
+        together = engine.generate_many(prompts, batch_size=batch_size, max_tokens=30, stop=stop)
+        assert together == [alone(p) for p in prompts]
+    ends = [len(rows[0]) for rows, _ in together]
+    assert len(set(ends)) >= 5  # the rows finished at different steps
+    forced = [len(m[0]) - len(p) - sum(m[0]) for p, (_, m) in zip(prompts, together)]
+    assert forced[0] > 0 and forced[5] > 0 and forced[1] == forced[3] == forced[4] == 0
+    assert tok.decode(together[1][0][0][2:]).endswith("STOP") and len(together[4][0][0]) == 32
+    assert calculator("'strawberry'.count('r')") in tok.decode(together[5][0][0])
+
+
+def test_many_prompts_settings_are_checked(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok)
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in MANY[:3]]
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate_many(prompts, seed=[1, 2], max_tokens=4)
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate_many(prompts + [[]], max_tokens=4)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        list(engine.generate_rows([], max_tokens=4))
+    assert engine.generate_many([], max_tokens=4) == []
 
 # --- the calculator against hostile input
 

@@ -13,11 +13,11 @@ import torch
 
 from nanochat_nb.cli import main
 from nanochat_nb.data import prepare_data
-from nanochat_nb.engine import Engine, ScriptedModel, load_for_inference
+from nanochat_nb.engine import Engine, ScriptedModel, calculator, load_for_inference
 from nanochat_nb.eval import (BundleError, append_records, core_prompts, demo_core_tasks, eval_record,
                               evaluate_chat_task, evaluate_core, fetch_core_bundle, format_table, item_sequences,
                               judge, letter_ids, load_core_tasks, pass_at_k, predict_letter, predict_letters,
-                              read_records, run_eval, sample_replies, answer_stop, score_item, score_items, val_bpb,
+                              read_records, run_eval, sample_replies, sample_replies_many, answer_stop, score_item, score_items, val_bpb,
                               write_core_bundle, zip_core_bundle)
 from nanochat_nb.pretrain import make_config, pretrain
 from nanochat_nb.tasks import load_task
@@ -291,6 +291,42 @@ def test_generative_pass_at_k_counts_samples(loaded):
     assert result["pass@1"] <= result["pass@3"] == result["accuracy"]
 
 
+
+def test_batched_replies_equal_one_at_a_time_on_a_real_model(loaded):
+    model, tokenizer = loaded
+    task, engine = load_task("arithmetic"), Engine(model, tokenizer)
+    prompts = [tokenizer.render_for_completion(task[i]) for i in range(10)]
+    assert len({len(p) for p in prompts}) > 3  # prompts of several lengths share batches (left padding)
+    for temperature, n in ((0.0, 1), (1.0, 2)):
+        batched = sample_replies_many(engine, prompts, n, 32, temperature, stop=answer_stop(task), batch_size=4)
+        assert batched == [sample_replies(engine, p, n, 32, temperature, stop=answer_stop(task)) for p in prompts]
+
+
+def test_batched_evaluation_scores_each_problem_as_before(loaded):
+    "A scripted model answers some problems right (after a tool call) and some wrong: the same verdicts either way."
+    model, tokenizer = loaded
+    task, sp = load_task("arithmetic"), tokenizer.encode_special
+    end = sp("<|assistant_end|>")
+    conversations = [task[i] for i in range(24)]
+    scripts = {}
+    for i, c in enumerate(conversations):
+        parts = c["messages"][-1]["content"]
+        expr, answer = next(p["text"] for p in parts if p["type"] == "python"), int(parts[-1]["text"].split("####")[-1])
+        forced = [sp("<|output_start|>"), *tokenizer.encode(calculator(expr)), sp("<|output_end|>")]
+        call = [sp("<|python_start|>"), *tokenizer.encode(expr), sp("<|python_end|>")] + tokenizer.encode("?") * len(forced)
+        reply = f" so #### {answer if i % 3 else answer + 1}" + ("\nand more words" * (i % 4))
+        scripts[tuple(tokenizer.render_for_completion(c))] = call * (i % 2) + tokenizer.encode(reply) + [end]
+    scripted = ScriptedModel(scripts, model.config, end)
+    engine, stop = Engine(scripted, tokenizer), answer_stop(task)
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    one_at_a_time = [sample_replies(engine, p, max_tokens=60, stop=stop) for p in prompts]
+    assert sample_replies_many(engine, prompts, max_tokens=60, stop=stop, batch_size=8) == one_at_a_time
+    by_hand = [task.evaluate(c, replies[0]) for c, replies in zip(conversations, one_at_a_time)]
+    assert 0 < sum(by_hand) < len(by_hand) and sum("<|output_start|>" not in r[0] for r in one_at_a_time) < 24
+    for batch_size in (1, 8):
+        result = evaluate_chat_task(scripted, tokenizer, task, max_problems=24, max_tokens=60, batch_size=batch_size)
+        assert result["accuracy"] == sum(by_hand) / 24 and result["n"] == 24
+
 def test_pass_at_k_equals_counting_subsets():
     for n in range(1, 7):
         for c in range(n + 1):
@@ -373,7 +409,8 @@ def test_cli_eval_core_and_chat_print_tables_and_write_eval_jsonl(evaluated, loa
     assert core.returncode == 0, core.stderr[-2000:]
     assert chat.returncode == 0, chat.stderr[-2000:]
     for out, last in ((core.stdout, "CORE"), (chat.stdout, "ChatCORE")):
-        table = out[out.index("stage  task"):].splitlines()
+        table = [line for line in out[out.index("stage  task"):].splitlines()
+                 if not line.startswith("report section:")]  # the CLI then names the report section it wrote
         assert table[1].startswith("-----") and table[-1].split()[:2] == ["base", last]
     records = read_records(run / "metrics" / "eval.jsonl")
     assert all(set(r) == FIELDS and r["stage"] == "base" and r["step"] == 0 for r in records)

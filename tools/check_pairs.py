@@ -1,4 +1,4 @@
-"""Check that every notebook in nbs/ and its jupytext percent `.py` pair hold the same cells.
+"""Check that every notebook in nbs/ (and speedrun.ipynb) and its jupytext percent `.py` pair hold the same cells.
 
 Compares cell types, sources and tags after parsing both files with jupytext, so the result
 does not depend on file timestamps (which a fresh clone scrambles).
@@ -17,7 +17,7 @@ def cells(path: Path) -> list:
 def main():
     root = Path(__file__).resolve().parent.parent
     bad = []
-    for ipynb in sorted((root / "nbs").glob("*.ipynb")):
+    for ipynb in sorted((root / "nbs").glob("*.ipynb")) + [root / "speedrun.ipynb"]:  # the chapters, the speedrun
         py = ipynb.with_suffix(".py")
         if not py.exists():
             bad.append(f"{ipynb.name}: no paired {py.name} (fix: jupytext --set-formats ipynb,py:percent {ipynb})")
