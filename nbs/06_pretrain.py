@@ -1190,6 +1190,7 @@ class LiveLossChart:
 # the same thing for 160 steps; set `num_iterations` at the top to try it.)
 
 # %%
+#| fig-alt: "The live chart of the twenty-step run: training loss (raw and smoothed) against steps on the left, validation bits per byte against steps on the right."
 config = make_config("micro", num_iterations=num_iterations, eval_every=5, sample_every=-1, save_every=-1,
                       eval_tokens=4 * 4096)
 chart = LiveLossChart(every=5)

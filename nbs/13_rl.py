@@ -498,6 +498,7 @@ before = evaluate_chat_task(model, tok, chat_task("arithmetic"), max_problems=ev
 print(f"{from_stage}: greedy accuracy {before['accuracy']:.3f} on {before['n']} held-out problems")
 
 # %%
+#| fig-alt: "RL's mean reward per step with its running mean, and held-out pass@k against steps."
 import matplotlib.pyplot as plt
 from nanochat_nb.pretrain import MetricsLog
 

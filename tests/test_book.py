@@ -62,6 +62,12 @@ def test_execute_skips_flagged_cells_and_caches(tmp_path):
     assert ran.cells[2].outputs[0]["text"] == "42\n" and not ran.cells[1].outputs
     again, seconds, error = bk.execute(bk.prepare(nb, ["slow"]), "tiny", tmp_path, tmp_path / "cache")
     assert seconds is None and again.cells[2].outputs == ran.cells[2].outputs  # unchanged code: from the cache
+    edited = bk.prepare(nb_of("x = 41", "#| slow\nraise SystemExit('a slow cell ran')",
+                              "#| echo: false\n#| fig-alt: \"new words\"\nprint(x + 1)"), ["slow", "gpu"])
+    edited.cells.insert(0, nbformat.v4.new_markdown_cell("new prose"))
+    again, seconds, error = bk.execute(edited, "tiny", tmp_path, tmp_path / "cache")  # only options and prose changed
+    assert seconds is None and again.cells[3].outputs == ran.cells[2].outputs and again.cells[0].source == "new prose"
+    assert again.cells[3].metadata["mystnb"] == {"image": {"alt": "new words"}}  # today's alt text, cached outputs
     nb.cells[2].source = "print(x + 2)"
     changed, seconds, error = bk.execute(nb, "tiny", tmp_path, tmp_path / "cache")
     assert seconds is not None and changed.cells[2].outputs[0]["text"] == "43\n"

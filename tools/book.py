@@ -120,8 +120,11 @@ def execute(nb, name, cwd, cache, timeout=600):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     hit = cache / f"{name}-{code_hash(nb)}.ipynb"
-    if hit.exists():
-        return nbformat.read(hit, as_version=4), None, None
+    if hit.exists():  # the outputs come from the cache; the prose and cell metadata (alt text) from the chapter now
+        done = [c for c in nbformat.read(hit, as_version=4).cells if c.cell_type == "code"]
+        for cell, old in zip((c for c in nb.cells if c.cell_type == "code"), done):
+            cell.outputs, cell.execution_count = old.outputs, old.get("execution_count")
+        return nb, None, None
     t0 = time.perf_counter()
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
                             store_widget_state=False, skip_cells_with_tag="skip-execution")
